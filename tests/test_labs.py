@@ -1,0 +1,92 @@
+"""Both sides of every lab.
+
+- The lab sources (with solutions) pass: tests/test_notebooks.py runs them.
+- The generated *student* notebook of every lab fails every one of its `check(...)` cells.
+- Every registered exercise rejects the unimplemented stub and each of its plausible wrong answers,
+  and accepts the lab's reference solution.
+- Every exercise a lab checks is registered, and every solution function has a checker.
+"""
+import ast, json, re
+from pathlib import Path
+
+import pytest
+
+from hjepa.exercises import (EXERCISES, ExerciseFailed, _load_checkers, is_solution, make_student, run_cells,
+                             stub_source, write_student_lab, list_labs)
+
+ROOT = Path(__file__).resolve().parent.parent
+LABS = sorted((ROOT / 'lessons').glob('[0-9]*.ipynb'))
+_load_checkers()
+_CHECK = re.compile(r'^check\((\w+)', re.M)
+
+
+def cells(nb, kind='code'):
+    return [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == kind]
+
+
+def solution_functions(nb):
+    "Names of the functions defined in the lab's #| solution cells."
+    return [n.name for src in cells(nb) if is_solution(src) for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)]
+
+
+def test_there_are_labs():
+    assert LABS, "no labs in lessons/"
+    assert [n for n, _, _ in list_labs()] == [p.name.split('_')[0] for p in LABS]
+
+
+@pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
+def test_lab_is_wired(lab):
+    nb = json.loads(lab.read_text())
+    sols, checked = solution_functions(nb), [m for src in cells(nb) for m in _CHECK.findall(src)]
+    assert len(sols) >= 2, f"{lab.name}: a lab needs at least two exercises, found {sols}"
+    for name in sols:
+        assert name in EXERCISES, f"{lab.name}: solution `{name}` has no registered checker (add one in nbs/checks/)"
+        assert name in checked, f"{lab.name}: solution `{name}` is never passed to check(...)"
+        assert EXERCISES[name].lab == lab.name.split('_')[0], f"{name} is registered for lab {EXERCISES[name].lab}"
+
+
+@pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
+def test_student_lab_fails_its_checks(lab, tmp_path):
+    "Generate the student notebook (as `hjepa lab` does) and run it: every check cell must fail."
+    out = write_student_lab(lab.name.split('_')[0], tmp_path)
+    nb = json.loads(out.read_text())
+    assert not any(is_solution(s) for s in cells(nb)), "a solution cell survived in the student notebook"
+    results = run_cells(nb, cwd=tmp_path)
+    checks = [(src, exc) for _, src, exc in results if _CHECK.search(src)]
+    assert checks, "the student lab has no check(...) cells"
+    for src, exc in checks:
+        assert isinstance(exc, ExerciseFailed), f"`{src.strip()}` did not fail on the student stub (got {exc!r})"
+        assert 'not implemented yet' in str(exc)
+
+
+@pytest.mark.parametrize('name', sorted(EXERCISES), ids=str)
+def test_checker_rejects_stub_and_wrong_answers(name):
+    ex = EXERCISES[name]
+    assert len(ex.tests) >= 2, f"{name}: a checker needs several properties, has {len(ex.tests)}"
+    assert ex.wrongs, f"{name}: register at least one plausible wrong answer with @ex.wrong"
+    def stub(*a, **k): raise NotImplementedError("Exercise")
+    assert not all(ok for _, ok, _ in ex.run(stub)), f"{name}: the checker accepts an unimplemented stub"
+    for w in ex.wrongs:
+        res = ex.run(w)
+        assert not all(ok for _, ok, _ in res), f"{name}: the checker accepts the wrong answer {w.__doc__!r}"
+
+
+@pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
+def test_reference_solutions_pass_their_checkers(lab):
+    "Run only the lab's solution cells (no data loading) and check each function, so a checker that rejects the reference fails here."
+    nb = json.loads(lab.read_text())
+    setup = [s for s in cells(nb) if re.match(r'^(import|from) ', s.strip()) and not is_solution(s)]
+    ns = {}
+    for src in setup + [s for s in cells(nb) if is_solution(s)]: exec(compile(src, str(lab), 'exec'), ns)
+    for name in solution_functions(nb):
+        res = EXERCISES[name].run(ns[name])
+        assert all(ok for _, ok, _ in res), f"{lab.name}: reference `{name}` fails: {[m for _, ok, m in res if not ok]}"
+
+
+def test_stub_keeps_signature_and_docstring():
+    src = '#| solution\ndef f(a, b=2):\n    "Doc."\n    return a + b\n'
+    stub = stub_source(src)
+    ns = {}; exec(stub, ns)
+    import inspect
+    assert str(inspect.signature(ns['f'])) == '(a, b=2)' and ns['f'].__doc__ == 'Doc.'
+    with pytest.raises(NotImplementedError): ns['f'](1)
