@@ -50,8 +50,34 @@ def library_in_sync() -> bool:
     return not bad
 
 
-def pytest(*args) -> bool:
-    return sh(PY, '-m', 'pytest', '-p', 'no:cacheprovider', '-q', '-rfE', *args) == 0
+def notebook_times():
+    "Print how long each notebook took in the test run (the course promises under a minute each on CPU)."
+    import json
+    t = {}
+    for f in (ROOT / '_exec').rglob('*.ipynb'):
+        w = json.loads(f.read_text()).get('metadata', {}).get('hjepa_wall_s')
+        if w is not None: t[str(f.relative_to(ROOT / '_exec'))] = w
+    if not t: return
+    print(f"\n=== notebook wall times (target: under 60 s each; measured {'with ' + str(WORKERS) + ' notebooks at a time, ' if WORKERS > 1 else ''}one torch thread each)")
+    for k, v in sorted(t.items(), key=lambda kv: -kv[1]):
+        print(f"  {v:6.1f}s  {k}" + ("   <-- over a minute" if v > 60 else ''))
+    try: print(f"  (load average during the run: {os.getloadavg()[0]:.1f})")
+    except OSError: pass
+
+
+def _workers() -> int:
+    try: import xdist  # noqa: F401
+    except ImportError: return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+WORKERS = _workers()
+
+
+def pytest(*args, parallel=True) -> bool:
+    "pytest, spread over the CPU cores with pytest-xdist (one torch thread per worker: no oversubscription)."
+    xd = ['-n', str(WORKERS), '--dist', 'worksteal'] if parallel and WORKERS > 1 else []
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'} if xd else None
+    return sh(PY, '-m', 'pytest', '-p', 'no:cacheprovider', '-q', '-rfE', *xd, *args, env=env) == 0
 
 
 def ensure_chromium() -> bool:
@@ -70,7 +96,7 @@ STEPS = [
     ('pytest: tests/ and every notebook', lambda: pytest('tests', '--ignore=tests/test_labs.py', '--ignore=tests/test_site.py')),
     ('student labs fail their checkers', lambda: pytest('tests/test_labs.py')),
     ('site rendered, no broken links', lambda: sh(PY, ROOT / 'tests' / 'build_site.py') == 0),
-    ('browser test of the site', lambda: ensure_chromium() and pytest('tests/test_site.py')),
+    ('browser test of the site', lambda: ensure_chromium() and pytest('tests/test_site.py', parallel=False)),
 ]
 
 
@@ -90,6 +116,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         ok = bool(step())
         results.append((i, name, ok, time.time() - t0))
+    notebook_times()
     print("\n=== summary")
     for i, name, ok, t in results: print(f"  {'PASS' if ok else 'FAIL'}  {i}. {name:<36} {t:6.0f}s")
     print(f"  total {time.time() - t_all:.0f}s")

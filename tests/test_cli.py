@@ -1,0 +1,83 @@
+"""`hjepa` as a user runs it: a subprocess, a tiny config, the run folder, bad input, resume."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from hjepa.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ['--set', 'data.dataset=digits', '--set', 'train.max_steps=12', '--set', 'train.ckpt_every=6',
+        '--set', 'data.batch_size=32', '--set', 'train.log_every=3', '--set', 'train.collapse_every=6']
+
+
+def hjepa(*args, cwd):
+    env = {**os.environ, 'WANDB_MODE': 'offline', 'MPLBACKEND': 'Agg'}
+    return subprocess.run([sys.executable, '-m', 'hjepa.cli', *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_bundled_default_yaml_is_the_default():
+    assert load_config(ROOT / 'configs' / 'default.yaml') == Config()
+
+
+def test_train_subprocess_writes_the_run_folder(tmp_path):
+    r = hjepa('train', '--out', tmp_path / 'run', *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / 'run'
+    for f in ('config.yaml', 'metrics.jsonl', 'results.json', 'encoder.pt', 'curves.png'):
+        assert (run / f).exists(), f"run folder lacks {f}: {sorted(p.name for p in run.iterdir())}"
+    assert (run / 'checkpoints' / 'latest.pt').exists() and any((run / 'tb').iterdir())
+    res = json.loads((run / 'results.json').read_text())
+    for k in ('probe_pretrained', 'probe_random', 'probe_pixels', 'knn_pretrained', 'steps', 'wall_s', 'img_per_s'):
+        assert k in res, f"results.json lacks {k}"
+    assert res['steps'] == 12 and 0 <= res['probe_pixels'] <= 1
+    recs = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in recs if 'loss' in r][:2] == [3, 6] and all(r['loss'] == r['loss'] for r in recs if 'loss' in r)
+    assert 'held-out accuracy' in r.stdout and 'raw pixels' in r.stdout
+
+    # never clobbered: a second run into the same folder is refused, the first one intact
+    again = hjepa('train', '--out', run, *TINY, cwd=tmp_path)
+    assert again.returncode == 2 and 'left untouched' in again.stderr
+    assert json.loads((run / 'results.json').read_text()) == res
+
+    # resume continues from the checkpoint to a later max_steps
+    more = hjepa('train', '--out', run, '--resume', *TINY, '--set', 'train.max_steps=18', cwd=tmp_path)   # the last --set wins
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert json.loads((run / 'results.json').read_text())['steps'] == 18
+
+    # probe a finished run
+    pr = hjepa('probe', run, cwd=tmp_path)
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    assert 'linear' in json.loads(pr.stdout)
+
+
+@pytest.mark.parametrize('args, key', [
+    (['--set', 'optim.lr=-1'], 'optim.lr'),
+    (['--set', 'model.depht=3'], 'model.depht'),
+    (['--set', 'data.image_size=30'], 'data.image_size'),
+    (['--set', 'train.epochs=many'], 'train.epochs'),
+])
+def test_bad_config_names_the_key(tmp_path, capsys, args, key):
+    from hjepa.cli import main
+    code = main(['train', '--out', str(tmp_path / 'r'), *args])       # in-process: the error path, without a torch start-up
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'r').exists(), "a bad config must fail before any work (no run folder)"
+
+
+def test_bad_yaml_file_names_the_key(tmp_path, capsys):
+    from hjepa.cli import main
+    f = tmp_path / 'bad.yaml'
+    f.write_text('optim:\n  lr: 1e-3\n  warmup: 5\n')
+    code, err = main(['train', '--config', str(f)]), capsys.readouterr().err
+    assert code == 2 and 'optim.warmup: unknown key' in err and 'warmup_frac' in err, err
+
+
+def test_help_explains_every_key(tmp_path):
+    r = hjepa('train', '--help', cwd=tmp_path)
+    assert r.returncode == 0
+    from hjepa.config import config_help
+    for line in config_help():
+        key = line.strip().split(' ')[0].rstrip(':')
+        assert key in r.stdout, f"--help does not mention {key}"
