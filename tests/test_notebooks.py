@@ -13,13 +13,13 @@ import nbdev.test as nbtest
 from execnb.shell import CaptureShell
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'tests'))
+sys.path.insert(0, str(ROOT / 'tools'))
 from build_site import notebooks, source_hash, EXEC  # noqa: E402
 
 cfg = ConfigParser(delimiters=['=']); cfg.read(ROOT / 'settings.ini')
 FLAGS = cfg['DEFAULT'].get('tst_flags', '').split()
 LIMIT_S = 60   # every chapter and lab should run offline on CPU in under a minute (reported, not asserted:
-               # a wall-clock limit in a test is flaky on a shared machine; tests/suite.py prints the table)
+               # a wall-clock limit in a test is flaky on a shared machine; tools/suite.py prints the table)
 
 
 class RecordingShell(CaptureShell):
@@ -40,7 +40,7 @@ def save_executed(rel: Path, ran, seconds: float) -> None:
             c['outputs'] = [dict(o) for o in r.get('outputs', [])]
             c['execution_count'] = r.get('execution_count')
     nb.setdefault('metadata', {})['hjepa_source_hash'] = source_hash(rel)
-    nb['metadata']['hjepa_wall_s'] = round(seconds, 1)      # tests/suite.py prints these
+    nb['metadata']['hjepa_wall_s'] = round(seconds, 1)      # tools/suite.py prints these
     out = EXEC / rel
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(nb, indent=1, ensure_ascii=False, default=str), encoding='utf-8')

@@ -1,8 +1,8 @@
-"""Browser test of the rendered site (`_docs/`, built by `python tests/build_site.py`).
+"""Browser test of the rendered site (`_docs/`, built by `python tools/build_site.py`).
 
 Headless Debian Chromium driven by Playwright: open the home page, follow the sidebar to a chapter and
 to a lab, check their content, and check that lab solutions are folded (collapsed) until clicked.
-Skipped unless HJEPA_SITE_TEST=1 (tests/suite.py sets it after building the site), because the site
+Skipped unless HJEPA_SITE_TEST=1 (tools/suite.py sets it after building the site), because the site
 must be built first; with the variable set, a missing site or browser is a failure, not a skip.
 """
 import functools, http.server, os, shutil, socketserver, threading
@@ -26,7 +26,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope='module')
 def site():
-    assert (DOCS / 'index.html').exists(), "no _docs/index.html: run `python tests/build_site.py` first"
+    assert (DOCS / 'index.html').exists(), "no _docs/index.html: run `python tools/build_site.py` first"
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *a): pass
     handler = functools.partial(Quiet, directory=str(DOCS))
@@ -60,7 +60,7 @@ def test_home_chapter_and_lab(site, page):
     page.goto(site + '/index.html')
     assert 'hjepa' in page.title()
     body = page.inner_text('main')
-    assert 'Quick start' in body and 'tests/suite.py' in body and 'hjepa train' in body
+    assert 'Quick start' in body and 'tools/suite.py' in body and 'hjepa train' in body
     page.screenshot(path=str(SCREENS / 'home.png'))
 
     # follow the sidebar to the first chapter

@@ -1,8 +1,8 @@
 """Build the course site and the README from the notebooks.
 
-    python tests/build_site.py            # assemble, process with nbdev, check and render with smalldocs -> _docs/
-    python tests/build_site.py --quarto   # same tree, rendered by Quarto (where Quarto is installed)
-    python tests/build_site.py --readme   # regenerate README.md from nbs/index.ipynb
+    python tools/build_site.py            # assemble, process with nbdev, check and render with smalldocs -> _docs/
+    python tools/build_site.py --quarto   # same tree, rendered by Quarto (where Quarto is installed)
+    python tools/build_site.py --readme   # regenerate README.md from nbs/index.ipynb
 
 The site tree is assembled in `_build/site/`: chapters from `nbs/` at its root, labs under `lessons/`,
 the lab checkers under `checks/`, and the root `_quarto.yml` beside them. Each page is named after its
@@ -141,7 +141,7 @@ def readme() -> str:
     "README.md, generated from nbs/index.ipynb (its markdown, links made relative to the repository root)."
     rel = Path('nbs/index.ipynb')
     nb = json.loads((ROOT / rel).read_text(encoding='utf-8'))
-    out = ["<!-- Generated from nbs/index.ipynb by `python tests/build_site.py --readme`: edit the notebook, not this file. -->\n"]
+    out = ["<!-- Generated from nbs/index.ipynb by `python tools/build_site.py --readme`: edit the notebook, not this file. -->\n"]
     for c in nb['cells']:
         src = ''.join(c['source']).strip()
         if c['cell_type'] == 'markdown': out.append(rewrite_links(src, rel, None, {}))

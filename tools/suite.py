@@ -1,4 +1,4 @@
-"""Everything CI checks, in order. Run from anywhere: `python tests/suite.py` (exit code 0 = all green).
+"""Everything CI checks, in order. Run from anywhere: `python tools/suite.py` (exit code 0 = all green).
 
  1. notebooks clean       every notebook in nbs/ and lessons/ is what `nbdev_clean` would leave
  2. library in sync       `nbdev_export` (in a scratch copy) reproduces hjepa/ exactly
@@ -95,7 +95,7 @@ STEPS = [
     ('library in sync', library_in_sync),
     ('pytest: tests/ and every notebook', lambda: pytest('tests', '--ignore=tests/test_labs.py', '--ignore=tests/test_site.py')),
     ('student labs fail their checkers', lambda: pytest('tests/test_labs.py')),
-    ('site rendered, no broken links', lambda: sh(PY, ROOT / 'tests' / 'build_site.py') == 0),
+    ('site rendered, no broken links', lambda: sh(PY, ROOT / 'tools' / 'build_site.py') == 0),
     ('browser test of the site', lambda: ensure_chromium() and pytest('tests/test_site.py', parallel=False)),
 ]
 
