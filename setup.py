@@ -1,6 +1,6 @@
 """Packaging for hjepa: everything is read from settings.ini (nbdev 2 layout).
 
-The labs in `lessons/` ship inside the wheel as `hjepa/_labs/*.ipynb`, so that a
+The labs in `lessons/` ship inside the wheel as `hjepa/labs/lessons/*.ipynb`, so that a
 learner who only ran `pip install hjepa` can still get a student copy with
 `hjepa lab NN`.
 """
@@ -17,17 +17,18 @@ cfg.read(here / 'settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
 
 licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
-statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive']
+statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature',
+            '7 - Inactive']
 lic = licenses[cfg['license']]
 
 
 class BuildPyWithLabs(build_py):
-    "Copy the lab notebooks into the built package (`hjepa/_labs`)."
+    "Copy the lab notebooks into the built package (`hjepa/labs/lessons`)."
     def run(self):
         super().run()
         src = here / 'lessons'
-        if not src.is_dir(): return  # building from an sdist that already carries hjepa/_labs
-        dest = Path(self.build_lib) / cfg['lib_name'] / '_labs'
+        if not src.is_dir(): return  # building from an sdist that already carries hjepa/labs/lessons
+        dest = Path(self.build_lib) / cfg['lib_name'] / 'labs' / 'lessons'
         dest.mkdir(parents=True, exist_ok=True)
         for nb in sorted(src.glob('[0-9]*.ipynb')): shutil.copy(nb, dest / nb.name)
 
@@ -51,7 +52,7 @@ setuptools.setup(
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
-    package_data={cfg['lib_name']: ['_labs/*.ipynb']},
+    package_data={cfg['lib_name']: ['labs/lessons/*.ipynb']},
     include_package_data=True,
     python_requires='>=' + cfg['min_python'],
     install_requires=cfg['requirements'].split(),

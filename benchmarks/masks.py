@@ -38,14 +38,17 @@ def main():
     ap.add_argument('--grid', type=int, default=14)
     ap.add_argument('--seconds', type=float, default=3.0)
     ap.add_argument('--threads', type=int, default=1)
-    ap.add_argument('--hang-check', action='store_true', help='also try the 8x8 grid with min_keep=10 (reference in a subprocess)')
+    ap.add_argument('--hang-check', action='store_true',
+                    help='also try the 8x8 grid with min_keep=10 (reference in a subprocess)')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from lightly.data import IJEPAMaskCollator
-    ref = IJEPAMaskCollator(input_size=a.grid * 16, patch_size=16, enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2),
-                            aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10, allow_overlap=False)
+    ref = IJEPAMaskCollator(input_size=a.grid * 16, patch_size=16, enc_mask_scale=(0.85, 1.0),
+                            pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10,
+                            allow_overlap=False)
     ours = MaskCollator(MultiBlockMaskGenerator(grid=(a.grid, a.grid), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2),
-                                                aspect=(0.75, 1.5), nenc=1, npred=4, min_keep=10, allow_overlap=False), seed=0)
+                                                aspect=(0.75, 1.5), nenc=1, npred=4, min_keep=10,
+                                                allow_overlap=False), seed=0)
     batch = [(torch.zeros(1), i) for i in range(a.batch)]
     # interleave short rounds so both see the same CPU load (the machine may be shared); report the median ratio
     rounds = [(rate(ref, batch, a.seconds / 5, 1), rate(ours, batch, a.seconds / 5)) for _ in range(5)]
@@ -60,8 +63,10 @@ def main():
     print(f"batch {a.batch}, grid {a.grid}x{a.grid}, paper defaults, torch threads {a.threads}")
     print(f"lightly IJEPAMaskCollator : {r_ref:10.0f} masks/s   context keeps {sum(k_ref)/5:.1%} of patches; "
           f"{sum(ov)/5:.1%} of its contexts overlap a target")
-    print(f"hjepa MultiBlockMaskGenerator: {r_ours:10.0f} masks/s   context keeps {sum(k_ours)/5:.1%} of patches; 0% overlap")
-    print(f"ratio (hjepa / lightly): {ratios[2]:.1f}x  (median of 5 interleaved rounds; range {ratios[0]:.1f}x..{ratios[-1]:.1f}x)")
+    print(f"hjepa MultiBlockMaskGenerator: {r_ours:10.0f} masks/s   context keeps {sum(k_ours)/5:.1%} of patches; "
+          "0% overlap")
+    print(f"ratio (hjepa / lightly): {ratios[2]:.1f}x  "
+          f"(median of 5 interleaved rounds; range {ratios[0]:.1f}x..{ratios[-1]:.1f}x)")
     print(f"(for reference: hjepa HierarchicalMaskGenerator, 3 levels: {r_h3:.0f} masks/s)")
     if a.hang_check: hang_check()
 
@@ -84,8 +89,8 @@ def hang_check(timeout=30):
         print(f"8x8, min_keep=10: lightly made 10 batches in {time.perf_counter() - t0:.1f}s")
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
-        print(f"8x8, min_keep=10: lightly made {len(out.split())} of 10 batches, then nothing for the rest of {timeout}s "
-              "(it loops forever: that batch drew 3x3 targets)")
+        print(f"8x8, min_keep=10: lightly made {len(out.split())} of 10 batches, "
+              f"then nothing for the rest of {timeout}s (it loops forever: that batch drew 3x3 targets)")
     gen = MultiBlockMaskGenerator(grid=(8, 8), min_keep=10)
     t0 = time.perf_counter(); gen(64, torch.Generator().manual_seed(0))
     print(f"8x8, min_keep=10: hjepa made a batch of 64 in {1e3 * (time.perf_counter() - t0):.1f} ms, "

@@ -1,4 +1,4 @@
-"""Time a full `Trainer.train_step` (forward, backward, clip, AdamW, EMA) of the nano H-JEPA in fp32 and under bf16 autocast.
+"""Time a full `Trainer.train_step` (forward, backward, clip, AdamW, EMA) of the nano H-JEPA in fp32 and bf16 autocast.
 
 Usage: python benchmarks/trainer_amp.py [--batch 64 128] [--threads 1 2] [--reps 6]
 The two precisions alternate, so load from other processes hits both alike; prints ms/step, img/s and the ratio.
@@ -37,9 +37,10 @@ def bench(batch, threads, reps, levels=3):
     best = {amp: min(v) for amp, v in times.items()}
     med = {amp: sorted(v)[len(v) // 2] for amp, v in times.items()}
     for amp in trainers:
-        print(f"batch {batch:4d} threads {threads}: {amp:4s} best {best[amp]*1e3:6.0f} ms/step ({batch/best[amp]:5.0f} img/s), "
-              f"median {med[amp]*1e3:6.0f} ms ({batch/med[amp]:5.0f} img/s)")
-    print(f"batch {batch:4d} threads {threads}: bf16 speed-up x{best['off']/best['bf16']:.2f} (best), x{med['off']/med['bf16']:.2f} (median)", flush=True)
+        print(f"batch {batch:4d} threads {threads}: {amp:4s} best {best[amp]*1e3:6.0f} ms/step "
+              f"({batch/best[amp]:5.0f} img/s), median {med[amp]*1e3:6.0f} ms ({batch/med[amp]:5.0f} img/s)")
+    print(f"batch {batch:4d} threads {threads}: bf16 speed-up x{best['off']/best['bf16']:.2f} (best), "
+          f"x{med['off']/med['bf16']:.2f} (median)", flush=True)
 
 
 if __name__ == '__main__':

@@ -32,12 +32,14 @@ def rng_state() -> dict:
 
 def set_rng_state(state: Mapping):
     "Restore the states captured by `rng_state` (a missing entry leaves that generator untouched)."
-    if not isinstance(state, Mapping): raise TypeError(f"state must be the dict from rng_state(), got {type(state).__name__}")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be the dict from rng_state(), got {type(state).__name__}")
     if 'python' in state:
         p = state['python']; random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
     if 'numpy' in state:
         n = state['numpy']
-        np.random.set_state((n['bit_generator'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+        np.random.set_state((n['bit_generator'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                             n['cached_gaussian']))
     if 'torch' in state: torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         if len(state['cuda']) != torch.cuda.device_count():
@@ -94,7 +96,7 @@ class CheckpointError(RuntimeError):
     "A checkpoint file that exists but cannot be used (truncated, corrupted, foreign or unsafe)."
 
 def gather_state(**objs) -> dict:
-    "`{name: obj.state_dict()}` for objects that have one (model, optimiser, scaler, scheduler), plain values as they are."
+    "`{name: obj.state_dict()}` for objects that have one (model, optimiser, scaler, scheduler), other values as is."
     return {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in objs.items()}
 
 def restore_state(state: Mapping, **objs):
@@ -106,7 +108,8 @@ def restore_state(state: Mapping, **objs):
 def save_checkpoint(path: str | os.PathLike, state: Mapping, step: int, metrics: Mapping | None = None,
                     rng: bool = True) -> Path:
     "Atomically write `state` (weights_only-safe) with the step, metrics, format tag and (by default) all RNG states."
-    if not isinstance(state, Mapping): raise TypeError(f"state must be a dict of state dicts, got {type(state).__name__}")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of state dicts, got {type(state).__name__}")
     metrics = {k: (v.item() if hasattr(v, 'item') else v) for k, v in (metrics or {}).items()}
     payload = {'format': FORMAT, 'version': VERSION, 'step': int(step), 'time': time.time(),
                'metrics': metrics, 'rng': rng_state() if rng else None, 'state': dict(state)}
@@ -131,7 +134,8 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu', restore_rng: bo
         raise CheckpointError(f"{path} is a torch file but not an hjepa checkpoint (no 'format': '{FORMAT}' entry); "
                               f"a bare state dict loads with torch.load(path, weights_only=True)")
     if ck.get('version', 0) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ck['version']}, newer than this hjepa ({VERSION}): upgrade hjepa")
+        raise CheckpointError(f"{path} has checkpoint version {ck['version']}, newer than this hjepa ({VERSION}): "
+                              "upgrade hjepa")
     if restore_rng and ck.get('rng'): set_rng_state(ck['rng'])
     return ck
 
@@ -146,7 +150,7 @@ def _link(src: Path, dst: Path):
 
 def keep_steps(entries: Mapping[int, Mapping], keep_last: int = 2, keep_every: int | None = None, keep_best: int = 0,
                metric: str | None = None, mode: str = 'min') -> set[int]:
-    "Steps to keep among `{step: metrics}`: the `keep_last` newest, multiples of `keep_every`, the `keep_best` best by `metric`."
+    "Steps to keep of `{step: metrics}`: `keep_last` newest, multiples of `keep_every`, `keep_best` best by `metric`."
     steps = sorted(entries)
     keep = set(steps[-keep_last:]) if keep_last > 0 else set()
     if keep_every: keep |= {s for s in steps if s % keep_every == 0}
@@ -162,13 +166,17 @@ class CheckpointManager:
     "Checkpoints in `directory`: atomic saves, `latest.pt`, every-N, best-N by a metric, cleanup, fallback on load."
     def __init__(self, directory: str | os.PathLike, keep_last: int = 2, keep_every: int | None = None,
                  keep_best: int = 0, metric: str | None = None, mode: str = 'min'):
-        if keep_last < 1: raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
-        if keep_every is not None and keep_every < 1: raise ValueError(f"keep_every must be None or >= 1, got {keep_every}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be None or >= 1, got {keep_every}")
         if keep_best < 0: raise ValueError(f"keep_best must be >= 0, got {keep_best}")
-        if keep_best and not metric: raise ValueError("keep_best > 0 needs metric= (the name of the metric to rank by, e.g. 'val/loss')")
+        if keep_best and not metric:
+            raise ValueError("keep_best > 0 needs metric= (the name of the metric to rank by, e.g. 'val/loss')")
         if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' (lower is better) or 'max', got {mode!r}")
         self.dir = Path(directory); self.dir.mkdir(parents=True, exist_ok=True)
-        self.keep_last, self.keep_every, self.keep_best, self.metric, self.mode = keep_last, keep_every, keep_best, metric, mode
+        self.keep_last, self.keep_every, self.keep_best = keep_last, keep_every, keep_best
+        self.metric, self.mode = metric, mode
         self.entries: dict[int, dict] = self._scan()          # {step: metrics}
 
     def path_for(self, step: int) -> Path: return self.dir / f'step_{int(step):08d}.pt'
@@ -177,7 +185,8 @@ class CheckpointManager:
         "Entries from `manifest.json`, reconciled with the step files actually on disk."
         try: listed = {int(s): m for s, m in json.loads((self.dir / 'manifest.json').read_text())['entries'].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError): listed = {}
-        on_disk = {int(m.group(1)) for p in self.dir.glob('step_*.pt') if (m := re.fullmatch(r'step_(\d+)\.pt', p.name))}
+        on_disk = {int(m.group(1)) for p in self.dir.glob('step_*.pt')
+                   if (m := re.fullmatch(r'step_(\d+)\.pt', p.name))}
         return {s: listed.get(s, {}) for s in sorted(on_disk)}
 
     def _write_manifest(self):
@@ -204,7 +213,8 @@ class CheckpointManager:
             raise ValueError(f"tag must be a simple name like 'interrupted' or 'final' (not latest/best), got {tag!r}")
         metrics = {k: (v.item() if hasattr(v, 'item') else v) for k, v in (metrics or {}).items()}
         path = save_checkpoint(self.path_for(step), state, step, metrics)
-        self.entries[int(step)] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        self.entries[int(step)] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                   for k, v in metrics.items()}
         if int(step) == max(self.entries): _link(path, self.dir / 'latest.pt')
         if tag: _link(path, self.dir / f'{tag}.pt')
         if (b := self.best) is not None: _link(b, self.dir / 'best.pt')
@@ -234,7 +244,8 @@ class CheckpointManager:
         return None
 
     def __repr__(self):
-        return f"CheckpointManager({self.dir}, {len(self.entries)} checkpoints, latest={self.latest and self.latest.name})"
+        return (f"CheckpointManager({self.dir}, {len(self.entries)} checkpoints, "
+                f"latest={self.latest and self.latest.name})")
 
 # %% ../nbs/08_checkpoint.ipynb #1ef204bd
 ENCODER_FORMAT = 'hjepa-encoder'
@@ -249,16 +260,18 @@ def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 def export_encoder(source, path: str | os.PathLike, key: str | None = None, meta: Mapping | None = None) -> Path:
-    "Save only an encoder's weights (+ `meta`) from a module, a state dict, or a checkpoint (path or dict) and its `key`."
+    "Save only an encoder's weights (+ `meta`) from a module, a state dict, or a checkpoint (path or dict) + its `key`."
     if isinstance(source, (str, os.PathLike)): source = load_checkpoint(source)
     if isinstance(source, nn.Module): sd = source.state_dict()
     elif isinstance(source, Mapping) and source.get('format') == FORMAT:
         if key is None or key not in source['state']:
-            raise KeyError(f"pass key= one of {sorted(source['state'])} to pick the encoder from the checkpoint (got {key!r})")
+            raise KeyError(f"pass key= one of {sorted(source['state'])} to pick the encoder from the checkpoint "
+                           f"(got {key!r})")
         sd = source['state'][key]
     elif isinstance(source, Mapping): sd = source
     else: raise TypeError(f"source must be an nn.Module, a state dict or a checkpoint, got {type(source).__name__}")
-    payload = {'format': ENCODER_FORMAT, 'version': VERSION, 'state_dict': clean_state_dict(sd), 'meta': dict(meta or {})}
+    payload = {'format': ENCODER_FORMAT, 'version': VERSION, 'state_dict': clean_state_dict(sd),
+               'meta': dict(meta or {})}
     check_weights_only_safe(payload, 'encoder export')
     return atomic_save(payload, path)
 
@@ -267,10 +280,13 @@ def read_encoder(path: str | os.PathLike) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"encoder file {path} does not exist")
     try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise CheckpointError(f"{path} cannot be loaded as encoder weights: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be loaded as encoder weights: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and obj.get('format') == ENCODER_FORMAT: return obj['state_dict'], obj['meta']
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()): return clean_state_dict(obj), {}
-    raise CheckpointError(f"{path} holds neither exported encoder weights nor a state dict: use export_encoder() on a checkpoint")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return clean_state_dict(obj), {}
+    raise CheckpointError(f"{path} holds neither exported encoder weights nor a state dict: "
+                          "use export_encoder() on a checkpoint")
 
 def load_encoder(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> nn.Module:
     "Load exported encoder weights into `model` (in place) and return it."

@@ -52,10 +52,11 @@ _OPS = ('mean', 'sum', 'max')
 
 def reduce_metrics(metrics: Mapping[str, float], op: str = 'mean', weight: float | None = None,
                    device=None) -> dict[str, float]:
-    "All-reduce a dict of numbers over ranks in one collective: `'mean'` (weighted by `weight` if given), `'sum'` or `'max'`."
+    "All-reduce a dict of numbers over ranks in one collective: `'mean'` (weighted by `weight`), `'sum'` or `'max'`."
     if op not in _OPS: raise ValueError(f"op must be one of {', '.join(_OPS)}, got {op!r}")
     if weight is not None and op != 'mean': raise ValueError("weight= only applies to op='mean'")
-    if weight is not None and not weight >= 0: raise ValueError(f"weight must be >= 0 (e.g. this rank's example count), got {weight}")
+    if weight is not None and not weight >= 0:
+        raise ValueError(f"weight must be >= 0 (e.g. this rank's example count), got {weight}")
     keys = sorted(metrics)
     try: vals = [float(metrics[k].item() if hasattr(metrics[k], 'item') else metrics[k]) for k in keys]
     except (TypeError, ValueError) as err: raise TypeError(f"metrics must map names to numbers: {err}") from None
@@ -65,7 +66,8 @@ def reduce_metrics(metrics: Mapping[str, float], op: str = 'mean', weight: float
     crc = float(zlib.crc32('\0'.join(keys).encode()))                  # same names on every rank? (max of c and of -c)
     chk = torch.tensor([crc, -crc], dtype=torch.float64, device=dev)
     dist.all_reduce(chk, op=dist.ReduceOp.MAX)
-    if chk[0] != -chk[1]: raise ValueError(f"ranks passed different metric names to reduce_metrics (rank {get_rank()} has {keys})")
+    if chk[0] != -chk[1]:
+        raise ValueError(f"ranks passed different metric names to reduce_metrics (rank {get_rank()} has {keys})")
     if op == 'max':
         t = torch.tensor(vals, dtype=torch.float64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -107,13 +109,15 @@ def one_thread():
 # %% ../nbs/00_core.ipynb #3d7fd370
 def check_range(name: str, value, lo: float = 0.0, hi: float = 1.0, *, lo_open: bool = False,
                 hi_open: bool = False) -> tuple[float, float]:
-    "A `(min, max)` pair with `min <= max` inside `[lo, hi]` (`lo_open`/`hi_open`: exclude that end); else one clear error."
-    if isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) or hasattr(value, '__len__')) or len(value) != 2:
+    "A `(min, max)` pair, `min <= max`, inside `[lo, hi]` (`lo_open`/`hi_open` exclude that end); else a clear error."
+    pair = not isinstance(value, (str, bytes)) and (isinstance(value, Sequence) or hasattr(value, '__len__'))
+    if not pair or len(value) != 2:
         raise TypeError(f"{name} must be a (min, max) pair, got {value!r}")
     a, b = float(value[0]), float(value[1])
     if a > b: raise ValueError(f"{name} = {tuple(value)} has min > max: write it as (min, max)")
     if (a <= lo if lo_open else a < lo) or (b >= hi if hi_open else b > hi):
-        raise ValueError(f"{name} = {tuple(value)} must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+        left, right = '(' if lo_open else '[', ')' if hi_open else ']'
+        raise ValueError(f"{name} = {tuple(value)} must lie in {left}{lo}, {hi}{right}")
     return a, b
 
 def check_count(name: str, value, min: int = 1, max: int | None = None) -> int:

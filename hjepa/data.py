@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .core import is_dist
+
 # %% auto #0
 __all__ = ['PHOTOS', 'SHAPES', 'DATASETS', 'SPLITS', 'to_tensor', 'ArrayImageDataset', 'stratified_split', 'patch_grid',
-           'load_photos', 'PhotoDataset', 'make_shapes', 'default_root', 'load_dataset', 'seed_worker', 'build_loader',
-           'set_epoch', 'show_images']
+           'load_photos', 'PhotoDataset', 'make_shapes', 'default_root', 'load_dataset', 'FitTo', 'image_transform',
+           'seed_worker', 'build_loader', 'set_epoch', 'show_images']
 
 # %% ../nbs/00_data.ipynb #832435cd
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -32,7 +34,8 @@ class ArrayImageDataset(Dataset):
                  classes: Sequence[str] | None = None, name: str = 'images'):
         images = np.asarray(images)
         if images.dtype != np.uint8: raise TypeError(f"{name}: images must be uint8, got {images.dtype}")
-        if images.ndim not in (3, 4): raise ValueError(f"{name}: images must be [N,H,W] or [N,H,W,C], got shape {images.shape}")
+        if images.ndim not in (3, 4):
+            raise ValueError(f"{name}: images must be [N,H,W] or [N,H,W,C], got shape {images.shape}")
         if len(images) != len(labels): raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.transform, self.name = transform, name
@@ -73,15 +76,18 @@ def patch_grid(image_size: int | tuple[int, int], patch_size: int, min_patches: 
     for side, n in (('height', h), ('width', w)):
         if n < patch_size:
             raise ValueError(f"image {side} {n}px is smaller than patch_size {patch_size}: resize the images to at "
-                             f"least {patch_size}px (e.g. transform=Resize({max(patch_size, 32)})) or use a smaller patch_size")
+                             f"least {patch_size}px (e.g. transform=Resize({max(patch_size, 32)})) "
+                             "or use a smaller patch_size")
         if n % patch_size:
             lo, hi = n - n % patch_size, n - n % patch_size + patch_size
-            raise ValueError(f"image {side} {n}px is not divisible by patch_size {patch_size}: resize to {lo} or {hi}px, "
-                             f"or pick a patch_size that divides {n} (one of {[d for d in _divisors(n) if 1 < d < n]})")
+            raise ValueError(f"image {side} {n}px is not divisible by patch_size {patch_size}: "
+                             f"resize to {lo} or {hi}px, or pick a patch_size that divides {n} "
+                             f"(one of {[d for d in _divisors(n) if 1 < d < n]})")
     grid = (h // patch_size, w // patch_size)
     if grid[0] * grid[1] < min_patches:
-        raise ValueError(f"a {h}x{w} image with patch_size {patch_size} gives only {grid[0]}x{grid[1]}={grid[0]*grid[1]} "
-                         f"patches, fewer than the {min_patches} needed: use larger images or a smaller patch_size")
+        raise ValueError(f"a {h}x{w} image with patch_size {patch_size} gives only "
+                         f"{grid[0]}x{grid[1]}={grid[0]*grid[1]} patches, fewer than the {min_patches} needed: "
+                         "use larger images or a smaller patch_size")
     return grid
 
 # %% ../nbs/00_data.ipynb #58ae8f09
@@ -165,9 +171,11 @@ def _torchvision(name, split, root, download, transform):
 
 def _imagefolder(split, root, transform):
     from torchvision.datasets import ImageFolder
-    if root is None: raise ValueError("imagefolder needs root=: a folder with train/<class>/* and test/<class>/* (or val/)")
+    if root is None:
+        raise ValueError("imagefolder needs root=: a folder with train/<class>/* and test/<class>/* (or val/)")
     root = Path(root).expanduser()
-    if not root.is_dir(): raise FileNotFoundError(f"imagefolder root {root} does not exist: pass the folder that holds train/ and test/")
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder root {root} does not exist: pass the folder that holds train/ and test/")
     cands = [root / split] + ([root / 'val'] if split == 'test' else [])
     sub = next((c for c in cands if c.is_dir()), None)
     if sub is None:
@@ -207,6 +215,35 @@ def load_dataset(name: str, split: str = 'train', root: str | Path | None = None
         X, y = X[idx], y[idx]
     return ArrayImageDataset(X, y, transform, classes, name=f'{key}-{split}')
 
+# %% ../nbs/00_data.ipynb #3fdfd1df
+_FIT_MODES = ('auto', 'pad', 'resize')
+
+class FitTo:
+    "Bring a PIL image to `size`×`size`: centre-pad (no resampling) or resize it (`auto`: pad if it fits, >= 3/4 size)."
+    def __init__(self, size: int, mode: str = 'auto'):
+        if mode not in _FIT_MODES: raise ValueError(f"fit mode must be one of {', '.join(_FIT_MODES)}, got {mode!r}")
+        self.size, self.mode = size, mode
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if self.mode == 'pad' or (self.mode == 'auto' and 0.75 * self.size <= min(w, h) and max(w, h) <= self.size):
+            if max(w, h) > self.size: img.thumbnail((self.size, self.size)); w, h = img.size
+            out = Image.new(img.mode, (self.size, self.size))
+            out.paste(img, ((self.size - w) // 2, (self.size - h) // 2))
+            return out
+        return img.resize((self.size, self.size), Image.BILINEAR)
+    def __repr__(self): return f"FitTo({self.size}, {self.mode!r})"
+
+def _to_grey(img: Image.Image) -> Image.Image: return img.convert('L')
+def _to_rgb(img: Image.Image) -> Image.Image: return img.convert('RGB')
+
+def image_transform(image_size: int, fit: str = 'auto', channels: int = 1, mean=None, std=None):
+    "Fit to `image_size` (`FitTo`), convert to `channels` (1 or 3), make a [0, 1] tensor, normalise if mean/std given."
+    from torchvision import transforms as T
+    if channels not in (1, 3): raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    ts = [FitTo(image_size, fit), _to_grey if channels == 1 else _to_rgb, to_tensor]
+    if mean is not None: ts.append(T.Normalize(mean, std))
+    return T.Compose(ts)
+
 # %% ../nbs/00_data.ipynb #0cb3e919
 def seed_worker(worker_id: int):
     "Seed `random` and `numpy` in a DataLoader worker from the torch seed the loader gave it."
@@ -220,10 +257,11 @@ def build_loader(ds: Dataset, batch_size: int = 64, shuffle: bool = True, seed: 
     if len(ds) == 0: raise ValueError(f"dataset {getattr(ds, 'name', ds)!r} is empty: check its path and split")
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if drop_last and len(ds) < batch_size:
-        raise ValueError(f"drop_last=True with batch_size {batch_size} > {len(ds)} images leaves no batch: lower batch_size")
+        raise ValueError(f"drop_last=True with batch_size {batch_size} > {len(ds)} images leaves no batch: "
+                         "lower batch_size")
     g = torch.Generator().manual_seed(seed)
     sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_dist():
         from torch.utils.data.distributed import DistributedSampler
         sampler, shuffle = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last), False
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
@@ -238,7 +276,8 @@ def set_epoch(loader: DataLoader, epoch: int):
 def show_images(images, labels=None, ncols: int = 8, size: float = 1.4, title: str | None = None, classes=None):
     "Plot images (`[B,C,H,W]` tensor in [0,1], or a list of arrays / PIL images) in a grid, with optional labels."
     import matplotlib.pyplot as plt
-    ims = [np.asarray(im.permute(1, 2, 0).float().clamp(0, 1)) if torch.is_tensor(im) else np.asarray(im) for im in images]
+    ims = [np.asarray(im.permute(1, 2, 0).float().clamp(0, 1)) if torch.is_tensor(im) else np.asarray(im)
+           for im in images]
     n = len(ims); nrows = -(-n // ncols); ncols = min(ncols, n)
     fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size), squeeze=False)
     for i, ax in enumerate(axs.flat):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_distributed.ipynb #cadbeabb
 from __future__ import annotations
-import contextlib, functools, math, os, zlib
+import contextlib, functools, math, os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,13 +15,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .core import (  # noqa: F401 (the rank helpers of chapter 00_core are part of this module's interface)
+    any_rank, get_rank, get_world_size, is_dist, is_main_process, reduce_metrics)
 from .checkpoint import CheckpointManager, atomic_save, load_checkpoint
 
+_all_ = ['any_rank', 'get_rank', 'get_world_size', 'is_dist', 'is_main_process', 'reduce_metrics']
+
 # %% auto #0
-__all__ = ['read_env', 'DistInfo', 'pick_device', 'default_backend', 'is_dist', 'setup_distributed', 'cleanup_distributed',
-           'get_rank', 'get_world_size', 'is_main_process', 'barrier', 'main_process_only', 'print0', 'rank_seed',
-           'reduce_metrics', 'broadcast_object', 'save_on_main', 'load_latest_synced', 'shard_indices', 'wrap_ddp',
-           'no_sync']
+__all__ = ['read_env', 'DistInfo', 'pick_device', 'default_backend', 'setup_distributed', 'cleanup_distributed', 'barrier',
+           'main_process_only', 'print0', 'rank_seed', 'broadcast_object', 'save_on_main', 'load_latest_synced',
+           'shard_indices', 'wrap_ddp', 'no_sync', 'any_rank', 'get_rank', 'get_world_size', 'is_dist',
+           'is_main_process', 'reduce_metrics']
 
 # %% ../nbs/10_distributed.ipynb #ffb6cdae
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -29,7 +33,8 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     if v == '': return default
     try: return int(v)
     except ValueError:
-        raise ValueError(f"environment variable {name}={v!r} must be an integer: launch with torchrun, or unset it to run as one process") from None
+        raise ValueError(f"environment variable {name}={v!r} must be an integer: launch with torchrun, "
+                         "or unset it to run as one process") from None
 
 def read_env(env: Mapping[str, str] | None = None) -> dict:
     "Rank, local rank, world size and rendezvous address from torchrun's environment (defaults: one process)."
@@ -37,11 +42,12 @@ def read_env(env: Mapping[str, str] | None = None) -> dict:
     world, rank = _env_int(env, 'WORLD_SIZE', 1), _env_int(env, 'RANK', 0)
     local = _env_int(env, 'LOCAL_RANK', rank)
     if world < 1: raise ValueError(f"WORLD_SIZE must be >= 1, got {world}")
-    if not 0 <= rank < world: raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world}): check the launcher's arguments")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world}): check the launcher's arguments")
     if not 0 <= local <= rank: raise ValueError(f"LOCAL_RANK={local} must be in [0, RANK={rank}]")
     if world > 1 and not env.get('MASTER_ADDR'):
-        raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with `torchrun --nproc_per_node=N ...` "
-                         "(it sets MASTER_ADDR/MASTER_PORT), or export them yourself")
+        raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with "
+                         "`torchrun --nproc_per_node=N ...` (it sets MASTER_ADDR/MASTER_PORT), or export them yourself")
     return dict(rank=rank, local_rank=local, world_size=world,
                 master_addr=env.get('MASTER_ADDR'), master_port=env.get('MASTER_PORT'))
 
@@ -69,10 +75,6 @@ def default_backend(device: torch.device) -> str:
     "nccl for CUDA devices (when built with it), gloo otherwise."
     return 'nccl' if device.type == 'cuda' and dist.is_nccl_available() else 'gloo'
 
-def is_dist() -> bool:
-    "Is a process group initialised?"
-    return dist.is_available() and dist.is_initialized()
-
 def setup_distributed(backend: str | None = None, device: str | torch.device | None = None, init: bool | None = None,
                       timeout_s: float = 1800) -> DistInfo:
     "Join the process group described by the environment (if `WORLD_SIZE > 1`, or `init=True`); return a `DistInfo`."
@@ -80,9 +82,11 @@ def setup_distributed(backend: str | None = None, device: str | torch.device | N
     dev = pick_device(e['local_rank'], device)
     init = e['world_size'] > 1 if init is None else init
     if not init and not is_dist(): return DistInfo(0, 0, 1, None, dev)
-    if backend not in (None, 'gloo', 'nccl', 'mpi'): raise ValueError(f"backend must be 'gloo', 'nccl' or 'mpi', got {backend!r}")
+    if backend not in (None, 'gloo', 'nccl', 'mpi'):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or 'mpi', got {backend!r}")
     backend = backend or default_backend(dev)
-    if backend == 'nccl' and dev.type != 'cuda': raise ValueError("backend='nccl' needs CUDA devices: use backend='gloo' on CPU")
+    if backend == 'nccl' and dev.type != 'cuda':
+        raise ValueError("backend='nccl' needs CUDA devices: use backend='gloo' on CPU")
     if dev.type == 'cuda': torch.cuda.set_device(dev)
     if not is_dist():
         os.environ.setdefault('MASTER_ADDR', '127.0.0.1'); os.environ.setdefault('MASTER_PORT', '29500')
@@ -95,18 +99,6 @@ def cleanup_distributed():
     if is_dist(): dist.barrier(); dist.destroy_process_group()
 
 # %% ../nbs/10_distributed.ipynb #3b6000f9
-def get_rank() -> int:
-    "This process's rank (0 without a process group)."
-    return dist.get_rank() if is_dist() else 0
-
-def get_world_size() -> int:
-    "Number of processes (1 without a process group)."
-    return dist.get_world_size() if is_dist() else 1
-
-def is_main_process() -> bool:
-    "True on rank 0: the process that logs, writes checkpoints and prints."
-    return get_rank() == 0
-
 def barrier():
     "Block until every rank gets here (no-op in a single process)."
     if is_dist(): dist.barrier()
@@ -124,30 +116,6 @@ def print0(*args, **kwargs):
 def rank_seed(seed: int) -> int:
     "A per-rank seed (`seed + rank`) for masks and augmentations, so ranks do not draw identical random numbers."
     return int(seed) + get_rank()
-
-# %% ../nbs/10_distributed.ipynb #dfb55f43
-def _comm_device() -> torch.device:
-    "Tensors sent with nccl must live on the current CUDA device; gloo uses the CPU."
-    return torch.device('cuda', torch.cuda.current_device()) if is_dist() and dist.get_backend() == 'nccl' else torch.device('cpu')
-
-def reduce_metrics(metrics: Mapping[str, float], op: str = 'mean', weight: float | None = None) -> dict[str, float]:
-    "All-reduce a dict of numbers over ranks: `'mean'` (optionally weighted by this rank's `weight`) or `'sum'`."
-    if op not in ('mean', 'sum'): raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
-    if weight is not None and op != 'mean': raise ValueError("weight= only applies to op='mean'")
-    if weight is not None and not weight >= 0: raise ValueError(f"weight must be >= 0 (e.g. this rank's example count), got {weight}")
-    keys = sorted(metrics)
-    try: vals = [float(metrics[k].item() if hasattr(metrics[k], 'item') else metrics[k]) for k in keys]
-    except (TypeError, ValueError) as err: raise TypeError(f"metrics must map names to numbers: {err}") from None
-    w = 1.0 if weight is None else float(weight)
-    t = torch.tensor([v * w for v in vals] + [w], dtype=torch.float64, device=_comm_device())   # [K+1]
-    if is_dist():
-        crc = float(zlib.crc32('\0'.join(keys).encode()))
-        chk = torch.tensor([crc, -crc], dtype=torch.float64, device=t.device)
-        dist.all_reduce(chk, op=dist.ReduceOp.MAX)
-        if chk[0] != -chk[1]: raise ValueError(f"ranks passed different metric names to reduce_metrics (rank {get_rank()} has {keys})")
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    out = t[:-1] / t[-1] if op == 'mean' else t[:-1]          # mean: sum_r w_r m_r / sum_r w_r
-    return dict(zip(keys, out.tolist()))
 
 # %% ../nbs/10_distributed.ipynb #14119d3a
 def broadcast_object(obj, src: int = 0):
@@ -176,10 +144,12 @@ def load_latest_synced(manager: CheckpointManager, map_location='cpu', restore_r
 # %% ../nbs/10_distributed.ipynb #a894e4ab
 def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                   drop_last: bool = False) -> list[int]:
-    "The indices `DistributedSampler(n items, world_size, rank, shuffle, seed, drop_last)` yields after `set_epoch(epoch)`."
-    if world_size < 1 or not 0 <= rank < world_size: raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    "The indices `DistributedSampler(n, world_size, rank, shuffle, seed, drop_last)` yields after `set_epoch(epoch)`."
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if n < 0: raise ValueError(f"n must be >= 0, got {n}")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist() if shuffle else list(range(n))
+    if shuffle: idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else: idx = list(range(n))
     if drop_last and n % world_size: per = n // world_size                 # cut the tail
     else: per = math.ceil(n / world_size)
     total = per * world_size
@@ -193,8 +163,9 @@ def wrap_ddp(model: nn.Module, info: DistInfo | None = None, find_unused_paramet
     model = model.to(device)
     if not is_dist() or isinstance(model, DDP): return model
     ids = [device.index] if device.type == 'cuda' else None
-    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None, find_unused_parameters=find_unused_parameters, **kw)
+    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None,
+               find_unused_parameters=find_unused_parameters, **kw)
 
 def no_sync(model: nn.Module, skip: bool = True):
-    "Context: skip DDP's gradient all-reduce (accumulation micro-steps) when `skip` and `model` is DDP; else does nothing."
+    "Context: skip DDP's gradient all-reduce (accumulation micro-steps) when `skip` and `model` is DDP; else a no-op."
     return model.no_sync() if skip and isinstance(model, DDP) else contextlib.nullcontext()

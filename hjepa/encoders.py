@@ -5,9 +5,7 @@
 # %% ../nbs/03_encoders.ipynb #3eafd0e2
 from __future__ import annotations
 import math
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +49,7 @@ def sincos_2d(dim: int, grid: int | tuple[int, int]) -> torch.Tensor:
 
 # %% ../nbs/03_encoders.ipynb #670f968c
 def sincos_coords(dim: int, coords: torch.Tensor) -> torch.Tensor:
-    "2-D sin-cos code of continuous `(row, col)` coordinates `[..., 2]` (patch units) -> `[..., dim]`; equals `sincos_2d` on the grid."
+    "Sin-cos code of continuous `(row, col)` `[..., 2]` (patch units) -> `[..., dim]`; equals `sincos_2d` on the grid."
     if dim % 4: raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos embeddings, got {dim}")
     if coords.shape[-1] != 2: raise ValueError(f"coords must end in a (row, col) pair, got shape {tuple(coords.shape)}")
     flat = coords.reshape(-1, 2)
@@ -63,14 +61,18 @@ class Attention(nn.Module):
     "Multi-head self-attention through `F.scaled_dot_product_attention`: `[B,N,D]` -> `[B,N,D]`."
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads: raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}: pick num_heads dividing {dim}")
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}: "
+                             f"pick num_heads dividing {dim}")
         self.num_heads = num_heads
         self.qkv, self.proj = nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B,H,N,d]
-        if x.device.type == 'cpu' and q.dtype == torch.bfloat16:   # CPU's bf16 attention backward is ~20x slower than fp32
+        # 3 x [B,H,N,d]
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # CPU's bf16 attention backward is ~20x slower than fp32
+        if x.device.type == 'cpu' and q.dtype == torch.bfloat16:
             with torch.autocast('cpu', enabled=False):
                 x = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else: x = F.scaled_dot_product_attention(q, k, v)                                                 # [B,H,N,d]
@@ -128,16 +130,18 @@ class _PosCache:
 
 def _check_idx(idx, n, name):
     if not torch.is_tensor(idx) or idx.dtype != torch.long:
-        raise TypeError(f"{name} must be a long (int64) index tensor, got {type(idx).__name__} {getattr(idx, 'dtype', '')}")
+        raise TypeError(f"{name} must be a long (int64) index tensor, "
+                        f"got {type(idx).__name__} {getattr(idx, 'dtype', '')}")
     if idx.numel() and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"{name} holds indices in [{int(idx.min())}, {int(idx.max())}] but the patch grid has {n} tokens: "
-                         f"build the masks for this image size and patch_size")
+        raise ValueError(f"{name} holds indices in [{int(idx.min())}, {int(idx.max())}] but the patch grid has "
+                         f"{n} tokens: build the masks for this image size and patch_size")
 
 # %% ../nbs/03_encoders.ipynb #8f435d9d
 class ViT(nn.Module):
     "Vision Transformer that encodes only the kept tokens: `(x [B,C,H,W], masks [B,K] | [B,M,K] | None)` -> tokens."
     def __init__(self, img_size: int | tuple[int, int] = 32, patch_size: int = 4, in_chans: int = 3,
-                 embed_dim: int = 96, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+                 embed_dim: int = 96, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True):
         super().__init__()
         self.grid = patch_grid(img_size, patch_size)          # (h, w); a clear error if it does not fit
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
@@ -168,7 +172,8 @@ class ViT(nn.Module):
         if masks is not None:
             _check_idx(masks, x.shape[1], 'masks')
             if masks.ndim not in (2, 3) or masks.shape[0] != x.shape[0]:
-                raise ValueError(f"masks must be [B, K] or [B, M, K] with B={x.shape[0]}, got shape {tuple(masks.shape)}")
+                raise ValueError(f"masks must be [B, K] or [B, M, K] with B={x.shape[0]}, "
+                                 f"got shape {tuple(masks.shape)}")
             x = apply_masks(x, masks)                                   # [B,K,D] or [B,M,K,D]
         lead = x.shape[:-2]
         x = x.reshape(-1, *x.shape[-2:])                                # each kept set is its own sequence
@@ -181,7 +186,8 @@ class Predictor(nn.Module):
     def __init__(self, grid: tuple[int, int] = (8, 8), embed_dim: int = 96, predictor_embed_dim: int = 64,
                  depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
-        if predictor_embed_dim % 4: raise ValueError(f"predictor_embed_dim must be divisible by 4, got {predictor_embed_dim}")
+        if predictor_embed_dim % 4:
+            raise ValueError(f"predictor_embed_dim must be divisible by 4, got {predictor_embed_dim}")
         self.grid, self.embed_dim, self.predictor_embed_dim = tuple(grid), embed_dim, predictor_embed_dim
         self.embed = nn.Linear(embed_dim, predictor_embed_dim)            # encoder width -> predictor width
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
@@ -194,7 +200,8 @@ class Predictor(nn.Module):
 
     def forward(self, z_ctx: torch.Tensor, masks_ctx: torch.Tensor | None, masks_tgt: torch.Tensor,
                 grid: tuple[int, int] | None = None, ctx_coords: torch.Tensor | None = None) -> torch.Tensor:
-        "`z_ctx` `[B,Kc,D]` at grid indices `masks_ctx` `[B,Kc]` (or at `(row, col)` `ctx_coords` `[B,Kc,2]`); `masks_tgt` `[B,M,K]`."
+        """`z_ctx` `[B,Kc,D]` at grid indices `masks_ctx` `[B,Kc]` (or at `(row, col)` `ctx_coords` `[B,Kc,2]`);
+        `masks_tgt` `[B,M,K]`."""
         grid = tuple(grid or self.grid)
         n = grid[0] * grid[1]
         if masks_tgt.ndim == 2: masks_tgt = masks_tgt[:, None]                # [B,K] -> [B,1,K]
@@ -203,7 +210,8 @@ class Predictor(nn.Module):
         pos = self.pos(grid, z_ctx.device).to(z_ctx.dtype)                   # [N,d]
         if ctx_coords is not None:                                           # continuous positions (e.g. local crops)
             if ctx_coords.shape != (*z_ctx.shape[:2], 2):
-                raise ValueError(f"ctx_coords must be [B, Kc, 2] = {(*z_ctx.shape[:2], 2)}, got {tuple(ctx_coords.shape)}")
+                raise ValueError(f"ctx_coords must be [B, Kc, 2] = {(*z_ctx.shape[:2], 2)}, "
+                                 f"got {tuple(ctx_coords.shape)}")
             ctx_pos = sincos_coords(self.predictor_embed_dim, ctx_coords).to(z_ctx.device, z_ctx.dtype)
         else:
             _check_idx(masks_ctx, n, 'masks_ctx')
@@ -225,7 +233,8 @@ class TimmViT(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         for a in ('patch_embed', 'blocks', 'norm', '_pos_embed'):
-            if not hasattr(model, a): raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (no .{a})")
+            if not hasattr(model, a):
+                raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__} (no .{a})")
         self.model = model
         self.patch_size = model.patch_embed.patch_size[0]
         self.grid = tuple(model.patch_embed.grid_size)

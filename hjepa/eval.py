@@ -6,18 +6,17 @@
 from __future__ import annotations
 import math, os, time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import ENCODER_FORMAT, FORMAT, clean_state_dict, load_checkpoint, read_encoder
+from .core import one_thread
+from .checkpoint import FORMAT, clean_state_dict, load_checkpoint, read_encoder
 from .data import load_dataset
 from .encoders import PRESETS, ViT
-from .masking import one_thread
 
 # %% auto #0
 __all__ = ['POOLS', 'fit_input', 'pool_tokens', 'extract_features', 'pixel_features', 'standardize', 'linear_probe',
@@ -26,7 +25,7 @@ __all__ = ['POOLS', 'fit_input', 'pool_tokens', 'extract_features', 'pixel_featu
 
 # %% ../nbs/11_eval.ipynb #1c61ed05
 def fit_input(x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
-    "Resize `x` `[B,C,H,W]` to the encoder's `img_size` and match its `in_chans` (grey -> RGB by repeating, RGB -> grey by averaging)."
+    "Resize `x` `[B,C,H,W]` to the encoder's `img_size`; match its `in_chans` (grey -> RGB: repeat; RGB -> grey: mean)."
     if x.ndim != 4: raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
     C = getattr(encoder, 'in_chans', x.shape[1])
     if x.shape[1] != C:
@@ -36,14 +35,16 @@ def fit_input(x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
     size = getattr(encoder, 'img_size', None)
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(x.shape[-2:]) != size: x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
     return x
 
 # %% ../nbs/11_eval.ipynb #a9bb2f78
 POOLS = ('mean', 'max', 'mean+max', 'grid2', 'grid4')
 
 def pool_tokens(z: torch.Tensor, pool: str = 'mean', grid: tuple[int, int] | None = None) -> torch.Tensor:
-    "Pool patch tokens `[B,N,D]` into one vector per image `[B,F]` (`pool` in `POOLS`, or None for the tokens; `gridK` needs the patch `grid`)."
+    """Pool patch tokens `[B,N,D]` into one vector per image `[B,F]`: `pool` in `POOLS`, or None for the tokens
+    (`gridK` needs the patch `grid`)."""
     if z.ndim != 3: raise ValueError(f"expected tokens [B, N, D], got shape {tuple(z.shape)}")
     if pool is None: return z                      # the tokens themselves: pool later, several ways
     if pool == 'mean': return z.mean(1)
@@ -67,12 +68,14 @@ def _batches(data, batch_size):
     elif isinstance(data, Dataset):
         if len(data) == 0: raise ValueError(f"dataset {getattr(data, 'name', data)!r} is empty")
         yield from ((b[0], b[1]) for b in DataLoader(data, batch_size=batch_size, shuffle=False))
-    else: raise TypeError(f"data must be a Dataset, a DataLoader or a tuple (X, y) of tensors, got {type(data).__name__}")
+    else:
+        raise TypeError(f"data must be a Dataset, a DataLoader or a tuple (X, y) of tensors, got {type(data).__name__}")
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, data, pool: str = 'mean', batch_size: int = 256,
                      device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Frozen features `[N,F]` (float32, on CPU) and labels `[N]` of `data` (Dataset, DataLoader or `(X, y)`), pooled by `pool` (None: tokens `[N,T,D]`)."
+    """Frozen features `[N,F]` (float32, on CPU) and labels `[N]` of `data` (Dataset, DataLoader or `(X, y)`),
+    pooled by `pool` (None: tokens `[N,T,D]`)."""
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
@@ -109,11 +112,13 @@ def _check_split(X, y, name):
     if len(X) != len(y): raise ValueError(f"{name}: {len(X)} feature rows but {len(y)} labels")
     if len(X) == 0: raise ValueError(f"{name} split is empty")
 
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-                 wd: float = 1e-3, max_iter: int = 100, standardize_features: bool = True) -> dict:
-    "Multinomial logistic regression on frozen features (L-BFGS, L2 `wd`); returns `{'acc', 'train_acc'}` (held-out and train)."
+def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, wd: float = 1e-3, max_iter: int = 100,
+                 standardize_features: bool = True) -> dict:
+    "Multinomial logistic regression on frozen features (L-BFGS, L2 `wd`): `{'acc', 'train_acc'}` (held-out and train)."
     _check_split(train_feats, train_labels, 'train'); _check_split(test_feats, test_labels, 'test')
-    if train_feats.shape[1] != test_feats.shape[1]: raise ValueError(f"train has {train_feats.shape[1]} features, test {test_feats.shape[1]}")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"train has {train_feats.shape[1]} features, test {test_feats.shape[1]}")
     Xtr, Xte = train_feats.double(), test_feats.double()
     if standardize_features: Xtr, Xte = standardize(Xtr, Xte)
     ytr, yte = train_labels.long(), test_labels.long()
@@ -158,14 +163,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     return (knn_predict(train_feats, train_labels, test_feats, k, T, C) == test_labels.long()).float().mean().item()
 
 # %% ../nbs/11_eval.ipynb #75c08202
-def probe_features(Xtr: torch.Tensor, ytr: torch.Tensor, Xte: torch.Tensor, yte: torch.Tensor, k: int = 20, T: float = 0.07,
-                   wd: float = 1e-3, max_iter: int = 100, knn_standardize: bool = False, **extra) -> dict:
-    "Linear probe and k-NN on given train/test features: `{'linear', 'knn', 'linear_train', 'dim', 'n_train', 'n_test', ...}`."
+def probe_features(Xtr: torch.Tensor, ytr: torch.Tensor, Xte: torch.Tensor, yte: torch.Tensor, k: int = 20,
+                   T: float = 0.07, wd: float = 1e-3, max_iter: int = 100, knn_standardize: bool = False,
+                   **extra) -> dict:
+    "Linear probe + k-NN on train/test features: `{'linear', 'knn', 'linear_train', 'dim', 'n_train', 'n_test', ...}`."
     t0 = time.time()
     lin = linear_probe(Xtr, ytr, Xte, yte, wd=wd, max_iter=max_iter)
     ktr, kte = standardize(Xtr, Xte) if knn_standardize else (Xtr, Xte)
     return {'linear': lin['acc'], 'linear_train': lin['train_acc'], 'knn': knn_accuracy(ktr, ytr, kte, yte, k, T),
-            'dim': int(Xtr.shape[1]), 'n_train': len(Xtr), 'n_test': len(Xte), **extra, 'probe_s': round(time.time() - t0, 2)}
+            'dim': int(Xtr.shape[1]), 'n_train': len(Xtr), 'n_test': len(Xte), **extra,
+            'probe_s': round(time.time() - t0, 2)}
 
 def probe(encoder: nn.Module, train_ds, test_ds, pool: str = 'mean', k: int = 20, T: float = 0.07, wd: float = 1e-3,
           max_iter: int = 100, knn_standardize: bool = False, batch_size: int = 256, device=None) -> dict:
@@ -193,7 +200,8 @@ def encoder_kwargs(vit: ViT) -> dict:
 def infer_encoder_kwargs(sd: Mapping[str, torch.Tensor], **overrides) -> dict:
     "ViT constructor arguments read from a state dict's shapes; heads and image size from the preset of the same width."
     if 'patch_embed.proj.weight' not in sd:
-        raise ValueError(f"not a ViT state dict (no patch_embed.proj.weight; keys start {sorted(sd)[:3]}): pass encoder=")
+        raise ValueError(f"not a ViT state dict (no patch_embed.proj.weight; keys start {sorted(sd)[:3]}): "
+                         "pass encoder=")
     D, C, p, _ = sd['patch_embed.proj.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     preset = next((v for v in PRESETS.values() if v['embed_dim'] == D), None)
@@ -204,7 +212,7 @@ def infer_encoder_kwargs(sd: Mapping[str, torch.Tensor], **overrides) -> dict:
 
 def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None, key: str = 'target_encoder',
                       **overrides) -> nn.Module:
-    "A frozen encoder from an exported-encoder file or a training checkpoint (`key`: 'target_encoder' or 'context_encoder')."
+    "A frozen encoder from an exported-encoder file or a checkpoint (`key`: 'target_encoder' or 'context_encoder')."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     raw = torch.load(path, map_location='cpu', weights_only=True)
@@ -226,7 +234,8 @@ def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None,
     return encoder.eval().requires_grad_(False)
 
 def evaluate_checkpoint(path: str | os.PathLike, train_ds=None, test_ds=None, dataset: str = 'mnist5k',
-                        encoder: nn.Module | None = None, key: str = 'target_encoder', pixels: bool = False, **probe_kw) -> dict:
+                        encoder: nn.Module | None = None, key: str = 'target_encoder', pixels: bool = False,
+                        **probe_kw) -> dict:
     "`probe` the encoder in `path` on `dataset` (or the given splits); `pixels=True` adds the raw-pixel baseline."
     enc = load_eval_encoder(path, encoder, key)
     train_ds = train_ds if train_ds is not None else load_dataset(dataset, 'train')

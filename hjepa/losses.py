@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import is_dist
+
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'level_loss', 'normalize_weights', 'JEPALoss', 'variance_term', 'covariance_term', 'whiten',
            'VICRegLoss', 'CombinedLoss', 'teacher_temp_at', 'DINOLoss', 'InfoNCELoss']
@@ -18,7 +20,8 @@ __all__ = ['LOSS_TYPES', 'level_loss', 'normalize_weights', 'JEPALoss', 'varianc
 # %% ../nbs/05_losses.ipynb #71776f06
 LOSS_TYPES = ('smooth_l1', 'mse')
 
-def level_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 'smooth_l1', beta: float = 1.0) -> torch.Tensor:
+def level_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 'smooth_l1',
+               beta: float = 1.0) -> torch.Tensor:
     "Mean per-element distance between one level's predictions and targets (smooth-L1 or MSE)."
     if loss_type == 'smooth_l1': return F.smooth_l1_loss(pred, target, beta=beta)
     if loss_type == 'mse': return F.mse_loss(pred, target)
@@ -29,8 +32,10 @@ def normalize_weights(weights: Sequence[float] | torch.Tensor, num_levels: int) 
     "Check per-level weights (one per level, >= 0, not all 0) and scale them to sum to 1."
     w = [float(v) for v in (weights.tolist() if torch.is_tensor(weights) else weights)]
     if len(w) != num_levels:
-        raise ValueError(f"level_weights has {len(w)} entries but there are {num_levels} levels: give one weight per level")
-    if any(not math.isfinite(v) or v < 0 for v in w): raise ValueError(f"level_weights must be finite and >= 0, got {w}")
+        raise ValueError(f"level_weights has {len(w)} entries but there are {num_levels} levels: "
+                         "give one weight per level")
+    if any(not math.isfinite(v) or v < 0 for v in w):
+        raise ValueError(f"level_weights must be finite and >= 0, got {w}")
     if sum(w) <= 0: raise ValueError(f"level_weights must not all be 0, got {w}: at least one level has to be trained")
     return [v / sum(w) for v in w]
 
@@ -38,11 +43,12 @@ def normalize_weights(weights: Sequence[float] | torch.Tensor, num_levels: int) 
 def _as_levels(x, name):
     if torch.is_tensor(x): return [x]
     if not isinstance(x, (list, tuple)) or not all(torch.is_tensor(t) for t in x) or not x:
-        raise TypeError(f"{name} must be a tensor or a non-empty list of tensors (one per level), got {type(x).__name__}")
+        raise TypeError(f"{name} must be a tensor or a non-empty list of tensors (one per level), "
+                        f"got {type(x).__name__}")
     return list(x)
 
 class JEPALoss(nn.Module):
-    "Hierarchical JEPA loss: per-level smooth-L1/MSE between predictions and (stop-gradient) targets, normalised level weights."
+    "Hierarchical JEPA loss: per-level smooth-L1/MSE of predictions vs stop-gradient targets, normalised level weights."
     def __init__(self, loss_type: str = 'smooth_l1', level_weights: Sequence[float] | None = None, beta: float = 1.0):
         super().__init__()
         if loss_type not in LOSS_TYPES: raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -53,22 +59,27 @@ class JEPALoss(nn.Module):
     def forward(self, preds, targets, level_weights: Sequence[float] | None = None):
         "`preds`, `targets`: lists (one per level) of equal-shape tensors. Returns `(total, parts)`."
         preds, targets = _as_levels(preds, 'preds'), _as_levels(targets, 'targets')
-        if len(preds) != len(targets): raise ValueError(f"{len(preds)} prediction levels but {len(targets)} target levels")
+        if len(preds) != len(targets):
+            raise ValueError(f"{len(preds)} prediction levels but {len(targets)} target levels")
         for l, (p, t) in enumerate(zip(preds, targets)):
-            if p.shape != t.shape: raise ValueError(f"level {l}: predictions {tuple(p.shape)} and targets {tuple(t.shape)} differ in shape")
+            if p.shape != t.shape:
+                raise ValueError(f"level {l}: predictions {tuple(p.shape)} and targets {tuple(t.shape)} "
+                                 "differ in shape")
         w = level_weights if level_weights is not None else self.level_weights
         w = normalize_weights(w if w is not None else [1.0] * len(preds), len(preds))
         losses = [level_loss(p, t.detach(), self.loss_type, self.beta) for p, t in zip(preds, targets)]
         total = sum(wl * ll for wl, ll in zip(w, losses))
         parts = {'jepa': total.detach()}
-        for l, (wl, ll) in enumerate(zip(w, losses)): parts[f'jepa_l{l}'], parts[f'w_l{l}'] = ll.detach(), torch.tensor(wl)
+        for l, (wl, ll) in enumerate(zip(w, losses)):
+            parts[f'jepa_l{l}'], parts[f'w_l{l}'] = ll.detach(), torch.tensor(wl)
         return total, parts
 
 # %% ../nbs/05_losses.ipynb #2d2e0b31
 def _samples(z, name):
     if not torch.is_tensor(z) or z.ndim < 2: raise TypeError(f"{name} must be a tensor [B, D] or [B, ..., D]")
     z = z.reshape(-1, z.shape[-1])
-    if z.shape[0] < 2: raise ValueError(f"{name} has {z.shape[0]} sample: VICReg needs >= 2 samples to estimate a variance")
+    if z.shape[0] < 2:
+        raise ValueError(f"{name} has {z.shape[0]} sample: VICReg needs >= 2 samples to estimate a variance")
     return z
 
 def variance_term(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
@@ -96,22 +107,26 @@ def whiten(z: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/05_losses.ipynb #6dfc780b
 class VICRegLoss(nn.Module):
     "VICReg: invariance (MSE) + variance (hinge on std) + covariance (off-diagonal) terms; paper weights 25/25/1."
-    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gamma: float = 1.0, eps: float = 1e-4):
+    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gamma: float = 1.0,
+                 eps: float = 1e-4):
         super().__init__()
         for k, v in dict(sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff).items():
             if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
-        self.sim_coeff, self.std_coeff, self.cov_coeff, self.gamma, self.eps = sim_coeff, std_coeff, cov_coeff, gamma, eps
+        self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
+        self.gamma, self.eps = gamma, eps
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor | None = None):
         "Full VICReg for two views; variance + covariance only when `z_b` is None. Returns `(total, parts)`."
         za = _samples(z_a, 'z_a')
         zs = [za] if z_b is None else [za, _samples(z_b, 'z_b')]
-        if len(zs) == 2 and zs[0].shape != zs[1].shape: raise ValueError(f"z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} differ in shape")
+        if len(zs) == 2 and zs[0].shape != zs[1].shape:
+            raise ValueError(f"z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} differ in shape")
         inv = F.mse_loss(zs[0], zs[1]) if len(zs) == 2 else za.new_zeros(())
         var = sum(variance_term(z, self.gamma, self.eps) for z in zs) / len(zs)
         cov = sum(covariance_term(z) for z in zs)
         total = self.sim_coeff * inv + self.std_coeff * var + self.cov_coeff * cov
-        return total, {'vicreg': total.detach(), 'vicreg_inv': inv.detach(), 'vicreg_var': var.detach(), 'vicreg_cov': cov.detach()}
+        return total, {'vicreg': total.detach(), 'vicreg_inv': inv.detach(), 'vicreg_var': var.detach(),
+                       'vicreg_cov': cov.detach()}
 
 # %% ../nbs/05_losses.ipynb #264be541
 class CombinedLoss(nn.Module):
@@ -122,11 +137,14 @@ class CombinedLoss(nn.Module):
         self.jepa, self.vicreg_coeff = jepa or JEPALoss(), vicreg_coeff
         self.vicreg = vicreg or VICRegLoss()
 
-    def forward(self, preds, targets, level_weights=None, features: torch.Tensor | None = None, features_b: torch.Tensor | None = None):
+    def forward(self, preds, targets, level_weights=None, features: torch.Tensor | None = None,
+                features_b: torch.Tensor | None = None):
         "JEPA loss on `preds`/`targets` (per level); VICReg on `features` (and `features_b`) when `vicreg_coeff > 0`."
         total, parts = self.jepa(preds, targets, level_weights)
         if self.vicreg_coeff > 0:
-            if features is None: raise ValueError("vicreg_coeff > 0 but no features were given: pass features= (e.g. z_ctx) or set vicreg_coeff=0")
+            if features is None:
+                raise ValueError("vicreg_coeff > 0 but no features were given: pass features= (e.g. z_ctx) "
+                                 "or set vicreg_coeff=0")
             reg, reg_parts = self.vicreg(features, features_b)
             total = total + self.vicreg_coeff * reg
             parts.update(reg_parts)
@@ -142,11 +160,12 @@ def teacher_temp_at(epoch: float, warmup_temp: float = 0.04, temp: float = 0.07,
 # %% ../nbs/05_losses.ipynb #985e8c16
 def _views(x, name):
     if isinstance(x, (list, tuple)): x = torch.stack(list(x))
-    if not torch.is_tensor(x) or x.ndim != 3: raise ValueError(f"{name} must be [V, B, K] (views, batch, logits) or a list of [B, K]")
+    if not torch.is_tensor(x) or x.ndim != 3:
+        raise ValueError(f"{name} must be [V, B, K] (views, batch, logits) or a list of [B, K]")
     return x
 
 class DINOLoss(nn.Module):
-    "DINO: cross-entropy between centred, sharpened teacher outputs and every other student view; EMA center (momentum 0.9)."
+    "DINO: cross-entropy of centred, sharpened teacher outputs vs every other student view; EMA center (momentum 0.9)."
     def __init__(self, out_dim: int, n_global: int = 2, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9):
         super().__init__()
@@ -159,8 +178,11 @@ class DINOLoss(nn.Module):
     def forward(self, student_out, teacher_out, epoch: float = 0):
         "`student_out` [V_s, B, K], `teacher_out` [n_global, B, K] (global views first). Returns `(total, parts)`."
         s, t = _views(student_out, 'student_out'), _views(teacher_out, 'teacher_out').detach()
-        if t.shape[0] != self.n_global: raise ValueError(f"teacher_out has {t.shape[0]} views, expected n_global={self.n_global}")
-        if s.shape[0] < 2 or s.shape[1:] != t.shape[1:]: raise ValueError(f"student_out {tuple(s.shape)} must hold >= 2 views of the teacher's [B, K] {tuple(t.shape[1:])}")
+        if t.shape[0] != self.n_global:
+            raise ValueError(f"teacher_out has {t.shape[0]} views, expected n_global={self.n_global}")
+        if s.shape[0] < 2 or s.shape[1:] != t.shape[1:]:
+            raise ValueError(f"student_out {tuple(s.shape)} must hold >= 2 views of the teacher's [B, K] "
+                             f"{tuple(t.shape[1:])}")
         tt = teacher_temp_at(epoch, **self.temps)
         p_t = F.softmax((t - self.center) / tt, dim=-1)                # [n_global, B, K]
         log_p_s = F.log_softmax(s / self.student_temp, dim=-1)        # [V_s, B, K]
@@ -169,7 +191,8 @@ class DINOLoss(nn.Module):
         total = ce[keep].mean()
         self.update_center(t)
         ent = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean()
-        return total, {'dino': total.detach(), 'teacher_temp': torch.tensor(tt), 'center_norm': self.center.norm().detach(), 'teacher_entropy': ent.detach()}
+        return total, {'dino': total.detach(), 'teacher_temp': torch.tensor(tt),
+                       'center_norm': self.center.norm().detach(), 'teacher_entropy': ent.detach()}
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor):
@@ -177,7 +200,7 @@ class DINOLoss(nn.Module):
         t = teacher_out.reshape(-1, teacher_out.shape[-1])
         batch_center = t.sum(0, keepdim=True)
         n = torch.tensor(float(t.shape[0]), device=t.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_dist():
             torch.distributed.all_reduce(batch_center); torch.distributed.all_reduce(n)
         self.center.mul_(self.center_momentum).add_(batch_center / n, alpha=1 - self.center_momentum)
 
@@ -190,13 +213,15 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor):
-        "`z_a`, `z_b`: [B, D] embeddings of two views of the same B images (row i pairs with row i). Returns `(total, parts)`."
-        if z_a.ndim != 2 or z_a.shape != z_b.shape: raise ValueError(f"z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} must both be [B, D]")
+        "`z_a`, `z_b`: [B, D] embeddings of two views of B images (row i pairs with row i). Returns `(total, parts)`."
+        if z_a.ndim != 2 or z_a.shape != z_b.shape:
+            raise ValueError(f"z_a {tuple(z_a.shape)} and z_b {tuple(z_b.shape)} must both be [B, D]")
         B = z_a.shape[0]
         if B < 2: raise ValueError("InfoNCE needs a batch of >= 2 images: the other images are the negatives")
         z = F.normalize(torch.cat([z_a, z_b]), dim=1)               # [2B, D]
         sim = z @ z.T / self.temperature                             # [2B, 2B]
-        sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float('-inf'))  # never its own positive
+        # never its own positive
+        sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float('-inf'))
         pos = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)                 # i <-> i+B
         total = F.cross_entropy(sim, pos)
         acc = (sim.argmax(1) == pos).float().mean()

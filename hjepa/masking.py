@@ -5,16 +5,16 @@
 # %% ../nbs/01_masking.ipynb #d22c7af5
 from __future__ import annotations
 import math, numbers, os, warnings
-from contextlib import contextmanager
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .core import check_count, check_range, one_thread
+
 # %% auto #0
-__all__ = ['block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches', 'one_thread',
-           'HierarchicalMaskGenerator', 'MultiBlockMaskGenerator', 'preset_8x8', 'MaskCollator', 'show_masks',
-           'mask_explorer']
+__all__ = ['block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches', 'HierarchicalMaskGenerator',
+           'MultiBlockMaskGenerator', 'preset_8x8', 'MaskCollator', 'show_masks', 'mask_explorer']
 
 # %% ../nbs/01_masking.ipynb #86fc0a38
 def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) -> Tensor:
@@ -49,8 +49,10 @@ def block_corners(shape: tuple[int, ...], grid: tuple[int, int], h: int, w: int,
 def apply_masks(x: Tensor, idx: Tensor) -> Tensor:
     "Gather tokens `x` `[B, N, D]` at indices `idx` `[B, K]` → `[B, K, D]`, or `[B, M, K]` → `[B, M, K, D]`."
     if x.dim() != 3: raise ValueError(f"apply_masks: x must be [B, N, D], got shape {tuple(x.shape)}")
-    if idx.dim() not in (2, 3): raise ValueError(f"apply_masks: idx must be [B, K] or [B, M, K], got shape {tuple(idx.shape)}")
-    if idx.shape[0] != x.shape[0]: raise ValueError(f"apply_masks: batch sizes differ: x has {x.shape[0]}, idx has {idx.shape[0]}")
+    if idx.dim() not in (2, 3):
+        raise ValueError(f"apply_masks: idx must be [B, K] or [B, M, K], got shape {tuple(idx.shape)}")
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"apply_masks: batch sizes differ: x has {x.shape[0]}, idx has {idx.shape[0]}")
     B, N, D = x.shape
     flat = idx.reshape(B, -1).long()                                      # [B, M*K]
     out = x.gather(1, flat[..., None].expand(-1, -1, D))                  # [B, M*K, D]
@@ -64,39 +66,17 @@ def _box_sums(free: Tensor, h: int, w: int) -> Tensor:
 
 # %% ../nbs/01_masking.ipynb #dcb4a19a
 def level_to_patches(idx: Tensor, grid: tuple[int, int], level: int) -> Tensor:
-    "Map indices into the level-`level` pooled grid `[..., K]` to the full-`grid` patches they cover `[..., K * 4**level]`."
+    "Map level-`level` pooled-grid indices `[..., K]` to the full-`grid` patches they cover `[..., K * 4**level]`."
     if level == 0: return idx
     H, W = grid
     Wl, s = W >> level, 2 ** level
     r, c = idx // Wl, idx % Wl                                            # cell row / column on the pooled grid
-    off = torch.arange(s)
+    off = torch.arange(s, device=idx.device)
     rows = (r[..., None] * s + off)[..., :, None]                         # [..., K, s, 1]
     cols = (c[..., None] * s + off)[..., None, :]                         # [..., K, 1, s]
     return (rows * W + cols).flatten(-3)                                  # [..., K * s * s]
 
 # %% ../nbs/01_masking.ipynb #9b6f3f22
-def _pair(v, name: str, lo: float, hi: float | None) -> tuple[float, float]:
-    "Validate a (min, max) range inside (lo, hi]."
-    if not (isinstance(v, Sequence) and len(v) == 2): raise TypeError(f"{name} must be a (min, max) pair, got {v!r}")
-    a, b = float(v[0]), float(v[1])
-    if a > b: raise ValueError(f"{name}: min {a} > max {b}; give (min, max)")
-    if not (a > lo and (hi is None or b <= hi)):
-        raise ValueError(f"{name} must lie in ({lo}, {hi if hi is not None else 'inf'}], got {v!r}")
-    return a, b
-
-@contextmanager
-def one_thread():
-    "Run torch on one thread inside the block: mask tensors are tiny, and extra threads stall badly on a busy CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try: yield
-    finally: torch.set_num_threads(n)
-
-def _count(v, name: str, lo: int) -> int:
-    "Validate an integer count >= lo (Python or NumPy int)."
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
-
 def _per_level(v, n: int, name: str, nested: bool) -> list:
     "Broadcast one value to `n` levels, or check that a per-level list has length `n`."
     per = isinstance(v, (list, tuple)) and len(v) > 0 and (isinstance(v[0], (list, tuple)) if nested else True)
@@ -106,49 +86,55 @@ def _per_level(v, n: int, name: str, nested: bool) -> list:
 
 # %% ../nbs/01_masking.ipynb #9d25f3ff
 class HierarchicalMaskGenerator:
-    """Multi-block masks for `num_levels` levels: level ℓ samples target blocks on the grid pooled by 2^ℓ (indices into that
-    pooled grid); one context block (aspect 1) excludes every level's targets. `npred`, `pred_scale`, `aspect` may be per level;
-    `npred=None` means 4 at level 0 and 1 at each coarser level."""
+    """Multi-block masks for `num_levels` levels: level ℓ samples target blocks on the grid pooled by 2^ℓ (indices
+    into that pooled grid); one context block (aspect 1) excludes every level's targets. `npred`, `pred_scale`, `aspect`
+    may be per level; `npred=None` means 4 at level 0 and 1 at each coarser level."""
     def __init__(self, grid: tuple[int, int] = (14, 14), num_levels: int = 3, enc_scale=(0.85, 1.0),
                  pred_scale=(0.15, 0.2), aspect=(0.75, 1.5), nenc: int = 1, npred: int | Sequence[int] | None = None,
                  min_keep: int = 10, allow_overlap: bool = False, max_tries: int = 20):
         if npred is None: npred = [4] + [1] * (num_levels - 1) if isinstance(num_levels, int) else 4
-        if not (isinstance(grid, Sequence) and len(grid) == 2 and all(isinstance(g, numbers.Integral) and g >= 1 for g in grid)):
+        if not (isinstance(grid, Sequence) and len(grid) == 2
+                and all(isinstance(g, numbers.Integral) and g >= 1 for g in grid)):
             raise ValueError(f"grid must be (h, w), two positive ints (patches per side), got {grid!r}")
-        self.grid, self.num_levels = tuple(int(g) for g in grid), _count(num_levels, 'num_levels', 1)
+        self.grid, self.num_levels = tuple(int(g) for g in grid), check_count('num_levels', num_levels, 1)
         H, W = self.grid
         self.levels = [(H >> l, W >> l) for l in range(num_levels)]
         if min(self.levels[-1]) < 1:
             raise ValueError(f"grid {grid} is too small for num_levels={num_levels}: level {num_levels-1} pools by "
                              f"{2**(num_levels-1)} and leaves no cell; use fewer levels or a bigger grid")
-        self.enc_scale = _pair(enc_scale, 'enc_scale', 0., 1.)
-        self.pred_scale = [_pair(s, 'pred_scale', 0., 1.) for s in _per_level(pred_scale, num_levels, 'pred_scale', True)]
-        self.aspect = [_pair(a, 'aspect', 0., None) for a in _per_level(aspect, num_levels, 'aspect', True)]
-        self.npred = [_count(n, 'npred', 1) for n in _per_level(npred, num_levels, 'npred', False)]
-        self.nenc, self.min_keep = _count(nenc, 'nenc', 1), _count(min_keep, 'min_keep', 0)
+        self.enc_scale = check_range('enc_scale', enc_scale, 0., 1., lo_open=True)
+        self.pred_scale = [check_range('pred_scale', s, 0., 1., lo_open=True)
+                           for s in _per_level(pred_scale, num_levels, 'pred_scale', True)]
+        self.aspect = [check_range('aspect', a, 0., math.inf, lo_open=True, hi_open=True)
+                       for a in _per_level(aspect, num_levels, 'aspect', True)]
+        self.npred = [check_count('npred', n, 1) for n in _per_level(npred, num_levels, 'npred', False)]
+        self.nenc, self.min_keep = check_count('nenc', nenc, 1), check_count('min_keep', min_keep, 0)
         self._need = max(self.min_keep, 1)                                  # a context needs at least one patch
-        self.allow_overlap, self.max_tries = bool(allow_overlap), _count(max_tries, 'max_tries', 0)
+        self.allow_overlap, self.max_tries = bool(allow_overlap), check_count('max_tries', max_tries, 0)
         N = H * W
         if min_keep > N: raise ValueError(f"min_keep={min_keep} is larger than the grid's {N} patches; lower min_keep")
         for l, ((h, w), (s0, _)) in enumerate(zip(self.levels, self.pred_scale)):
             if s0 * h * w < 0.5:
-                raise ValueError(f"grid too small for pred_scale: level {l} has {h}x{w} cells, so a target of scale {s0} "
-                                 f"covers {s0*h*w:.2f} cells (< 1 after rounding); raise pred_scale or use a bigger grid")
+                raise ValueError(f"grid too small for pred_scale: level {l} has {h}x{w} cells, so a target of scale "
+                                 f"{s0} covers {s0*h*w:.2f} cells (< 1 after rounding); "
+                                 "raise pred_scale or use a bigger grid")
         side = round(math.sqrt(self.enc_scale[1] * N))
         e = min(side, H) * min(side, W)                                       # the largest context block
         best = e if self.allow_overlap else min(e, N - self._min_cover())
         if best < self._need:
-            raise ValueError(f"min_keep={min_keep} can never be met (a context needs at least {self._need} patch(es)): the largest context block keeps at most {best} of "
-                             f"{N} patches once the smallest targets are removed; lower min_keep, npred or pred_scale")
+            raise ValueError(f"min_keep={min_keep} can never be met (a context needs at least {self._need} patch(es)): "
+                             f"the largest context block keeps at most {best} of {N} patches once the smallest targets "
+                             "are removed; lower min_keep, npred or pred_scale")
         self.last_stats: dict[str, Any] = {}
         self._warned = False
         with one_thread(): self.feasibility = self._probe()
         if self.feasibility < 0.5:
-            raise ValueError(f"min_keep={min_keep} is rarely reachable: in some probe batches only {self.feasibility:.0%} of samples "
-                             f"could place a context keeping {self._need} patches; lower min_keep, npred or pred_scale")
+            raise ValueError(f"min_keep={min_keep} is rarely reachable: in some probe batches only "
+                             f"{self.feasibility:.0%} of samples could place a context keeping {self._need} patches; "
+                             "lower min_keep, npred or pred_scale")
 
     def _probe(self, B: int = 64, n: int = 16) -> float:
-        "Worst fraction, over `n` probe batches, of samples whose first target draw leaves room for a `min_keep` context."
+        "Worst fraction, over `n` probe batches, of samples whose first target draw leaves room for a min_keep context."
         g, worst = torch.Generator().manual_seed(0), 1.0          # a private fixed seed: construction is deterministic
         for _ in range(n):
             sizes = [block_size(lv, s, a, g) for lv, s, a in zip(self.levels, self.pred_scale, self.aspect)]
@@ -159,17 +145,19 @@ class HierarchicalMaskGenerator:
         return worst
 
     def _min_cover(self) -> int:
-        "A lower bound on the full-grid patches the targets remove: the smallest block of the level whose blocks are largest."
+        "A lower bound on the full-grid patches the targets remove: the smallest block of the level with the largest."
         def smallest(l):
             (s0, s1), (a0, a1) = self.pred_scale[l], self.aspect[l]
-            hw = [block_size(self.levels[l], (s0 + (s1 - s0) * i / 8,) * 2, (math.exp(math.log(a0) + math.log(a1 / a0) * j / 8),) * 2)
+            hw = [block_size(self.levels[l], (s0 + (s1 - s0) * i / 8,) * 2,
+                             (math.exp(math.log(a0) + math.log(a1 / a0) * j / 8),) * 2)
                   for i in range(9) for j in range(9)]
             return min(h * w for h, w in hw) * 4 ** l
         return max(smallest(l) for l in range(self.num_levels))
 
     def __repr__(self):
         return (f"{type(self).__name__}(grid={self.grid}, num_levels={self.num_levels}, enc_scale={self.enc_scale}, "
-                f"pred_scale={self.pred_scale}, aspect={self.aspect}, nenc={self.nenc}, npred={self.npred}, min_keep={self.min_keep})")
+                f"pred_scale={self.pred_scale}, aspect={self.aspect}, nenc={self.nenc}, npred={self.npred}, "
+                f"min_keep={self.min_keep})")
 
     def _targets(self, B: int, sizes, g) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         "Target corners for every level and the union of the full-grid patches they cover `[B, H, W]`."
@@ -183,9 +171,10 @@ class HierarchicalMaskGenerator:
         return corners, covered.view(B, H, W)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None):
-        """Masks for a batch: `(masks_ctx [B, K_ctx], masks_tgt)`, `masks_tgt` a list of `[B, M_ℓ, K_ℓ]` per level whose
-        indices point into level ℓ's pooled grid (H >> ℓ, W >> ℓ); `masks_ctx` indexes the full grid (`[B, nenc, K]` if nenc > 1)."""
-        B = _count(batch_size, 'batch_size', 1)
+        """Masks for a batch: `(masks_ctx [B, K_ctx], masks_tgt)`, `masks_tgt` a list of `[B, M_ℓ, K_ℓ]` per level
+        whose indices point into level ℓ's pooled grid (H >> ℓ, W >> ℓ); `masks_ctx` indexes the full grid
+        (`[B, nenc, K]` if nenc > 1)."""
+        B = check_count('batch_size', batch_size, 1)
         with one_thread(): return self._sample(B, generator)
 
     def _sample(self, B: int, g: torch.Generator | None):
@@ -231,19 +220,22 @@ class HierarchicalMaskGenerator:
                                tgt_sizes=sizes, ctx_size=(he, we))
         if relaxed and not self._warned:
             warnings.warn(f"{relaxed} of {B} samples could not keep min_keep={self.min_keep} context patches after "
-                          f"{self.max_tries} redraws; they keep the most they can (see last_stats). Lower npred/pred_scale.")
+                          f"{self.max_tries} redraws; they keep the most they can (see last_stats). "
+                          "Lower npred/pred_scale.")
             self._warned = True
         return masks_ctx, masks_tgt
 
 # %% ../nbs/01_masking.ipynb #a051f2e8
 class MultiBlockMaskGenerator(HierarchicalMaskGenerator):
-    "I-JEPA multi-block masks (paper defaults): `gen(B, generator)` → `(masks_ctx [B, K_ctx], masks_tgt [B, npred, K_tgt])`."
-    def __init__(self, grid: tuple[int, int] = (14, 14), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5),
-                 nenc: int = 1, npred: int = 4, min_keep: int = 10, allow_overlap: bool = False, max_tries: int = 20):
+    "I-JEPA multi-block masks (paper defaults): `gen(B, g)` → `(masks_ctx [B, K_ctx], masks_tgt [B, npred, K_tgt])`."
+    def __init__(self, grid: tuple[int, int] = (14, 14), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2),
+                 aspect=(0.75, 1.5), nenc: int = 1, npred: int = 4, min_keep: int = 10, allow_overlap: bool = False,
+                 max_tries: int = 20):
         super().__init__(grid, 1, enc_scale, pred_scale, aspect, nenc, npred, min_keep, allow_overlap, max_tries)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None):
-        "Masks for a batch: `(masks_ctx [B, K_ctx], masks_tgt [B, npred, K_tgt])`, raster indices into `grid` (`[B, nenc, K_ctx]` if nenc > 1)."
+        """Masks for a batch: `(masks_ctx [B, K_ctx], masks_tgt [B, npred, K_tgt])`, raster indices into `grid`
+        (`[B, nenc, K_ctx]` if nenc > 1)."""
         masks_ctx, masks_tgt = super().__call__(batch_size, generator)
         return masks_ctx, masks_tgt[0]
 
@@ -251,14 +243,18 @@ class MultiBlockMaskGenerator(HierarchicalMaskGenerator):
 def preset_8x8(num_levels: int = 1) -> dict:
     "Mask settings for an 8×8 patch grid (32 px images, 4 px patches), the course's CPU setting; pass to a generator."
     npred = {1: 3, 2: (3, 1), 3: (2, 1, 1)}
-    if num_levels not in npred: raise ValueError(f"preset_8x8 has settings for 1, 2 or 3 levels (an 8×8 grid pools to 1×1 after 3), got {num_levels}")
-    return dict(grid=(8, 8), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5), npred=npred[num_levels], min_keep=16)
+    if num_levels not in npred:
+        raise ValueError(f"preset_8x8 has settings for 1, 2 or 3 levels (an 8×8 grid pools to 1×1 after 3), "
+                         f"got {num_levels}")
+    return dict(grid=(8, 8), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5),
+                npred=npred[num_levels], min_keep=16)
 
 # %% ../nbs/01_masking.ipynb #8e5d0da0
 class MaskCollator:
     "A `collate_fn`: `default_collate` the samples, then append `(masks_ctx, masks_tgt)` from `mask_gen`, reproducibly."
     def __init__(self, mask_gen, seed: int = 0):
-        if not callable(mask_gen): raise TypeError(f"mask_gen must be a mask generator (callable), got {type(mask_gen).__name__}")
+        if not callable(mask_gen):
+            raise TypeError(f"mask_gen must be a mask generator (callable), got {type(mask_gen).__name__}")
         self.mask_gen, self.seed, self._g, self._owner = mask_gen, int(seed), None, None
 
     def generator(self) -> torch.Generator:
@@ -277,7 +273,7 @@ class MaskCollator:
 
 # %% ../nbs/01_masking.ipynb #36ca97d5
 def _crop_to(img, H: int, W: int, px: int = 16):
-    "Centre-crop an image (array `[h, w, C]` or tensor `[C, h, w]`) to the grid's aspect and resize it to `px` pixels a patch."
+    "Centre-crop an image (array `[h, w, C]` or tensor `[C, h, w]`) to the grid's aspect, resized to `px` px a patch."
     import numpy as np
     from PIL import Image
     a = img.permute(1, 2, 0).numpy() if torch.is_tensor(img) else np.asarray(img)
@@ -287,8 +283,9 @@ def _crop_to(img, H: int, W: int, px: int = 16):
     else: nw = h * W // H; a = a[:, (w - nw) // 2:(w - nw) // 2 + nw]
     return np.asarray(Image.fromarray(a.squeeze()).resize((W * px, H * px)))
 
-def show_masks(image, masks_ctx: Tensor, masks_tgt, grid: tuple[int, int], sample: int = 0, size: float = 2.8, title: str | None = None):
-    "Draw one sample's masks over `image`: context bright, the rest dimmed, each target block in its own colour; one panel per level."
+def show_masks(image, masks_ctx: Tensor, masks_tgt, grid: tuple[int, int], sample: int = 0, size: float = 2.8,
+               title: str | None = None):
+    "Draw one sample's masks on `image`: context bright, rest dimmed, a colour per target block; one panel per level."
     import matplotlib.pyplot as plt, numpy as np
     H, W = grid
     tgts = masks_tgt if isinstance(masks_tgt, (list, tuple)) else [masks_tgt]
@@ -303,12 +300,14 @@ def show_masks(image, masks_ctx: Tensor, masks_tgt, grid: tuple[int, int], sampl
             r, c = p // W, p % W
             col = plt.cm.tab10(m % 10)
             over[p.numpy()] = (*col[:3], 0.45)
-            boxes.append(plt.Rectangle((int(c.min()), int(r.min())), int(c.max() - c.min()) + 1, int(r.max() - r.min()) + 1,
-                                       fill=False, lw=2, ec=col))
-        ax.imshow(img, extent=(0, W, H, 0)); ax.imshow(over.reshape(H, W, 4), extent=(0, W, H, 0), interpolation='nearest')
+            boxes.append(plt.Rectangle((int(c.min()), int(r.min())), int(c.max() - c.min()) + 1,
+                                       int(r.max() - r.min()) + 1, fill=False, lw=2, ec=col))
+        ax.imshow(img, extent=(0, W, H, 0))
+        ax.imshow(over.reshape(H, W, 4), extent=(0, W, H, 0), interpolation='nearest')
         for b in boxes: ax.add_patch(b)
         s = 2 ** l                                                       # grid lines of the level-ℓ cells
-        ax.vlines(range(0, W + 1, s), 0, H, colors='w', lw=0.4, alpha=0.6); ax.hlines(range(0, H + 1, s), 0, W, colors='w', lw=0.4, alpha=0.6)
+        ax.vlines(range(0, W + 1, s), 0, H, colors='w', lw=0.4, alpha=0.6)
+        ax.hlines(range(0, H + 1, s), 0, W, colors='w', lw=0.4, alpha=0.6)
         ax.set_axis_off(); ax.set_xlim(0, W); ax.set_ylim(H, 0)
         ax.set_title(f"level {l}: {len(t[sample])} target(s) on a {H >> l}×{W >> l} grid" if len(tgts) > 1 else
                      f"context {len(ctx)} patches, {len(t[sample])} targets", fontsize=9)
@@ -334,16 +333,18 @@ def _explore_fig(image, grid, pred_scale, aspect, npred, num_levels, min_keep, s
                                     npred=[npred] + [1] * (num_levels - 1), min_keep=min_keep)
     mc, mt = gen(1, torch.Generator().manual_seed(seed))
     r = lambda t: tuple(round(v, 2) for v in t)
-    return show_masks(image, mc, mt, grid, title=f"pred_scale={r(pred_scale)}, aspect={r(aspect)}, npred={gen.npred}, min_keep={min_keep}")
+    return show_masks(image, mc, mt, grid,
+                      title=f"pred_scale={r(pred_scale)}, aspect={r(aspect)}, npred={gen.npred}, min_keep={min_keep}")
 
 def mask_explorer(image, grid: tuple[int, int] = (14, 14), interactive: bool | None = None, **defaults):
-    "Sliders for target scale, aspect, number of blocks, levels and seed; a static figure when no widget front-end exists."
+    "Sliders for target scale, aspect, number of blocks, levels and seed; a static figure without a widget front-end."
     p = dict(pred_scale=(0.15, 0.2), aspect=(0.75, 1.5), npred=4, num_levels=1, min_keep=10, seed=0) | defaults
     if interactive is None: interactive = _has_widget_frontend()
     if not interactive: return _explore_fig(image, grid, **p)
     import ipywidgets as w, matplotlib.pyplot as plt
     from IPython.display import display
-    ctl = dict(pred_scale=w.FloatRangeSlider(value=p['pred_scale'], min=0.05, max=0.5, step=0.01, description='pred_scale'),
+    ctl = dict(pred_scale=w.FloatRangeSlider(value=p['pred_scale'], min=0.05, max=0.5, step=0.01,
+                                             description='pred_scale'),
                aspect=w.FloatRangeSlider(value=p['aspect'], min=0.3, max=3.0, step=0.05, description='aspect'),
                npred=w.IntSlider(value=p['npred'], min=1, max=8, description='npred'),
                num_levels=w.IntSlider(value=p['num_levels'], min=1, max=3, description='num_levels'),
@@ -356,6 +357,7 @@ def mask_explorer(image, grid: tuple[int, int] = (14, 14), interactive: bool | N
         try:
             f = _explore_fig(image, grid, **v); msg.value = ''
             if handle is not None: handle.update(f); plt.close(f)          # replace the figure in place
-        except ValueError as e: msg.value = f"<b>{e}</b>"                # the generator's own message, e.g. min_keep unreachable
+        # the generator's own message, e.g. min_keep unreachable
+        except ValueError as e: msg.value = f"<b>{e}</b>"
     for c in ctl.values(): c.observe(redraw, 'value')
     display(w.VBox([*ctl.values(), msg]))

@@ -12,20 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import check_count
 from .data import patch_grid
-from .masking import apply_masks
+from .masking import apply_masks, level_to_patches
 from .encoders import ViT, Predictor, _split_preset
 
 # %% auto #0
-__all__ = ['DEFAULT_LEVEL_WEIGHTS', 'level_grid', 'pool_grid', 'cells_to_patches', 'ema_update_', 'JEPAOutput', 'HJEPA']
+__all__ = ['level_grid', 'pool_grid', 'ema_update_', 'JEPAOutput', 'default_level_weights', 'HJEPA']
 
 # %% ../nbs/04_model.ipynb #454bf818
 def level_grid(grid: tuple[int, int], level: int) -> tuple[int, int]:
     "The cell grid of `level` on a patch `grid`: `(h >> level, w >> level)`, as the mask generator uses."
     h, w = grid
     if min(h >> level, w >> level) < 1:
-        raise ValueError(f"patch grid {tuple(grid)} is too small for level {level} (cells of {2**level}x{2**level} patches): "
-                         f"use fewer levels or larger images")
+        raise ValueError(f"patch grid {tuple(grid)} is too small for level {level} "
+                         f"(cells of {2**level}x{2**level} patches): use fewer levels or larger images")
     return h >> level, w >> level
 
 def pool_grid(z: torch.Tensor, grid: tuple[int, int], level: int) -> torch.Tensor:
@@ -39,26 +40,14 @@ def pool_grid(z: torch.Tensor, grid: tuple[int, int], level: int) -> torch.Tenso
     img = z.transpose(1, 2).reshape(B, D, h, w)                  # [B,D,h,w]
     return F.avg_pool2d(img, s, s).flatten(2).transpose(1, 2)    # [B,h_l*w_l,D]
 
-# %% ../nbs/04_model.ipynb #7e87c0ca
-def cells_to_patches(idx: torch.Tensor, grid: tuple[int, int], level: int) -> torch.Tensor:
-    "Patch indices covered by level-`level` cells `idx` `[..., K]` -> `[..., K * 4**level]`, each cell's patches contiguous."
-    if level == 0: return idx
-    h, w = grid
-    hl, wl = level_grid(grid, level)
-    s = 2 ** level
-    r, c = idx // wl, idx % wl                                                 # cell row, col
-    off = torch.arange(s, device=idx.device)
-    rows = (r * s)[..., None, None] + off[:, None]                             # [..., K, s, 1]
-    cols = (c * s)[..., None, None] + off[None, :]                             # [..., K, 1, s]
-    return (rows * w + cols).flatten(-3)                                       # [..., K*s*s]
-
 # %% ../nbs/04_model.ipynb #ff9124d8
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float):
     "In place: `target ← momentum·target + (1−momentum)·source` for every parameter (buffers copied)."
     if not 0.0 <= momentum <= 1.0: raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     tp, sp = list(target.parameters()), list(source.parameters())
-    if len(tp) != len(sp): raise ValueError(f"target has {len(tp)} parameter tensors, source {len(sp)}: not copies of one model")
+    if len(tp) != len(sp):
+        raise ValueError(f"target has {len(tp)} parameter tensors, source {len(sp)}: not copies of one model")
     torch._foreach_mul_(tp, momentum)
     torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
     for bt, bs in zip(target.buffers(), source.buffers()): bt.copy_(bs)
@@ -87,7 +76,10 @@ class JEPAOutput:
     def num_levels(self) -> int: return len(self.preds)
 
 # %% ../nbs/04_model.ipynb #9736942b
-DEFAULT_LEVEL_WEIGHTS = (1.0, 0.7, 0.5)
+def default_level_weights(num_levels: int) -> list[float]:
+    "Default loss weight per level: 1, 0.7, 0.5 for levels 0-2, then 0.7× the previous level (0.35, 0.245, ...)."
+    num_levels = check_count('num_levels', num_levels, 1)
+    return [(1.0, 0.7, 0.5)[l] if l < 3 else 0.5 * 0.7 ** (l - 2) for l in range(num_levels)]
 
 def _make_head(kind: str, dim: int) -> nn.Module:
     if kind == 'identity': return nn.Identity()
@@ -103,34 +95,35 @@ class HJEPA(nn.Module):
     def __init__(self, encoder: nn.Module, predictor: nn.Module | None = None, num_levels: int = 3,
                  head: str = 'linear', level_weights: Sequence[float] | None = None, **predictor_kw):
         super().__init__()
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
-            raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
+        num_levels = check_count('num_levels', num_levels, 1)
         level_grid(encoder.grid, num_levels - 1)                     # clear error if the grid is too small
         self.num_levels, self.grid, self.embed_dim = num_levels, tuple(encoder.grid), encoder.embed_dim
         self.context_encoder = encoder
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)   # starts equal; moves only by EMA
         self.predictor = predictor or Predictor(self.grid, self.embed_dim, **predictor_kw)
         self.heads = nn.ModuleList([_make_head(head, self.embed_dim) for _ in range(num_levels)])
-        w = list(level_weights) if level_weights is not None else \
-            [DEFAULT_LEVEL_WEIGHTS[l] if l < 3 else DEFAULT_LEVEL_WEIGHTS[-1] * 0.7 ** (l - 2) for l in range(num_levels)]
-        if len(w) != num_levels: raise ValueError(f"level_weights has {len(w)} entries for num_levels={num_levels}: give one per level")
+        w = list(level_weights) if level_weights is not None else default_level_weights(num_levels)
+        if len(w) != num_levels:
+            raise ValueError(f"level_weights has {len(w)} entries for num_levels={num_levels}: give one per level")
         self.level_weights = w
 
     @classmethod
     def from_preset(cls, name: str = 'nano', num_levels: int = 3, head: str = 'linear',
                     level_weights: Sequence[float] | None = None, **kw) -> 'HJEPA':
-        "H-JEPA with a `ViT` and `Predictor` of preset size `name`; keyword arguments override preset fields (e.g. `in_chans=1`)."
+        "H-JEPA with a `ViT` and `Predictor` of preset size `name`; keywords override its fields (e.g. `in_chans=1`)."
         enc_kw, pred_kw = _split_preset(name, kw)
         return cls(ViT(**enc_kw), num_levels=num_levels, head=head, level_weights=level_weights, **pred_kw)
 
-    def forward(self, x: torch.Tensor, masks_ctx: torch.Tensor, masks_tgt: torch.Tensor | Sequence[torch.Tensor]) -> JEPAOutput:
-        "`x` `[B,C,H,W]`, `masks_ctx` `[B,K_ctx]`, `masks_tgt` one `[B,M_ℓ,K_ℓ]` per level (a tensor when `num_levels=1`)."
+    def forward(self, x: torch.Tensor, masks_ctx: torch.Tensor,
+                masks_tgt: torch.Tensor | Sequence[torch.Tensor]) -> JEPAOutput:
+        "`x` `[B,C,H,W]`, `masks_ctx` `[B,K_ctx]`, `masks_tgt` a `[B,M_ℓ,K_ℓ]` per level (a tensor if `num_levels=1`)."
         if torch.is_tensor(masks_tgt): masks_tgt = [masks_tgt]
         if len(masks_tgt) != self.num_levels:
-            raise ValueError(f"got target masks for {len(masks_tgt)} levels but the model has num_levels={self.num_levels}: "
-                             f"build the mask generator with the same num_levels")
+            raise ValueError(f"got target masks for {len(masks_tgt)} levels but the model has "
+                             f"num_levels={self.num_levels}: build the mask generator with the same num_levels")
         if masks_ctx.ndim != 2:
-            raise ValueError(f"masks_ctx must be [B, K_ctx] (one context block, nenc=1), got shape {tuple(masks_ctx.shape)}")
+            raise ValueError(f"masks_ctx must be [B, K_ctx] (one context block, nenc=1), "
+                             f"got shape {tuple(masks_ctx.shape)}")
         grid = patch_grid(tuple(x.shape[-2:]), self.context_encoder.patch_size)
         # 1. targets: the EMA encoder sees the full image; pool each level on the 2-D grid, LayerNorm, gather blocks
         with torch.no_grad():
@@ -145,7 +138,7 @@ class HJEPA(nn.Module):
         preds = []
         for l, idx in enumerate(masks_tgt):
             B, M, K = idx.shape
-            p = self.predictor(z_ctx, masks_ctx, cells_to_patches(idx, grid, l), grid)    # [B,M,K*4^l,D]
+            p = self.predictor(z_ctx, masks_ctx, level_to_patches(idx, grid, l), grid)    # [B,M,K*4^l,D]
             p = p.reshape(B, M, K, 4 ** l, -1).mean(3)                                     # [B,M,K,D]
             preds.append(self.heads[l](p))
         return JEPAOutput(preds, targets, z_ctx, z_tgt, list(self.level_weights))
@@ -157,6 +150,7 @@ class HJEPA(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, encoder: str = 'target') -> torch.Tensor:
-        "Mean-pooled tokens `[B, D]` of the full image from the `'target'` (default, as in I-JEPA) or `'context'` encoder."
-        if encoder not in ('target', 'context'): raise ValueError(f"encoder must be 'target' or 'context', got {encoder!r}")
+        "Mean-pooled tokens `[B, D]` of the full image from the `'target'` (default, as I-JEPA) or `'context'` encoder."
+        if encoder not in ('target', 'context'):
+            raise ValueError(f"encoder must be 'target' or 'context', got {encoder!r}")
         return (self.target_encoder if encoder == 'target' else self.context_encoder)(x).mean(1)

@@ -10,16 +10,20 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .core import unwrap
 
 # %% auto #0
-__all__ = ['DEFAULT_PLOT_KEYS', 'feature_std', 'mean_norm', 'effective_rank', 'collapse_metrics', 'unwrap', 'grad_norms',
-           'Logger', 'format_progress', 'ConsoleLogger', 'JSONLLogger', 'read_jsonl', 'TensorBoardLogger',
-           'WandbLogger', 'MultiLogger', 'make_logger', 'plot_metrics']
+__all__ = ['DEFAULT_PLOT_KEYS', 'feature_std', 'mean_norm', 'effective_rank', 'collapse_metrics', 'grad_norms', 'Logger',
+           'ConsoleLogger', 'JSONLLogger', 'read_jsonl', 'TensorBoardLogger', 'WandbLogger', 'MultiLogger',
+           'make_logger', 'plot_metrics']
 
 # %% ../nbs/07_monitor.ipynb #ed043874
 def _rows(z: torch.Tensor) -> torch.Tensor:
     "Features `[..., D]` as float32 rows `[N, D]`, detached."
-    if not isinstance(z, torch.Tensor): raise TypeError(f"z must be a torch.Tensor of features [..., D], got {type(z).__name__}")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of features [..., D], got {type(z).__name__}")
     if z.ndim < 2: raise ValueError(f"z must have shape [N, D] or [B, T, D], got shape {tuple(z.shape)}")
     z = z.detach().reshape(-1, z.shape[-1]).float()  # [N, D]
     if z.shape[0] < 2: raise ValueError(f"z needs at least 2 rows to measure spread, got shape {tuple(z.shape)}")
@@ -51,14 +55,6 @@ def collapse_metrics(z: torch.Tensor, prefix: str = '') -> dict[str, float]:
             f'{prefix}mean_norm': mean_norm(z), f'{prefix}eff_rank': effective_rank(z)}
 
 # %% ../nbs/07_monitor.ipynb #f9abae63
-def unwrap(model: nn.Module) -> nn.Module:
-    "The plain model inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."
-    while True:
-        inner = getattr(model, '_orig_mod', None) or (getattr(model, 'module', None) if type(model).__name__ in
-                                                        ('DistributedDataParallel', 'DataParallel') else None)
-        if not isinstance(inner, nn.Module): return model
-        model = inner
-
 def grad_norms(model: nn.Module, prefix: str = 'grad_norm/') -> dict[str, float]:
     "L2 norm of the gradients of each top-level child module (and `total`); parameters without a gradient are skipped."
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -88,50 +84,46 @@ class Logger:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/07_monitor.ipynb #917af4bd
-def _hms(sec: float) -> str:
-    sec = int(max(sec, 0)); return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
-
-def format_progress(step: int, total: int | None, elapsed: float, metrics: Mapping[str, object] = {},
-                    steps_done: int | None = None, batch_size: int | None = None, width: int = 20) -> str:
-    "One progress line: bar, step/total, elapsed, ETA, loss, lr and img/s; `steps_done` counts steps since the timer started."
-    done = step if steps_done is None else steps_done
-    parts = []
-    if total:
-        frac = min(max(step / total, 0.0), 1.0)
-        fill = int(round(frac * width))
-        parts.append(f"[{'#' * fill}{'.' * (width - fill)}] {step}/{total} {frac:4.0%}")
-    else: parts.append(f"step {step}")
-    eta = f" < {_hms(elapsed / done * (total - step))}" if total and done > 0 else ''
-    parts.append(f"{_hms(elapsed)}{eta}")
-    m = {k: _scalar(v) for k, v in metrics.items()}
-    if 'loss' in m: parts.append(f"loss {m['loss']:.4f}")
+def _postfix(metrics: Mapping[str, object], ips: float | None = None) -> str:
+    "The bar's postfix, e.g. `loss 0.2500 | lr 3.00e-04 | 320 img/s` (img/s: the caller's `img_per_s`, else `ips`)."
+    m = {k: _scalar(v) for k, v in metrics.items() if k in ('loss', 'lr', 'img_per_s')}
+    ips = m.get('img_per_s', ips)
+    parts = [f"loss {m['loss']:.4f}"] if 'loss' in m else []
     if 'lr' in m: parts.append(f"lr {m['lr']:.2e}")
-    ips = m.get('img_per_s', batch_size * done / elapsed if batch_size and elapsed > 0 else None)
     if ips is not None: parts.append(f"{ips:,.0f} img/s")
     return ' | '.join(parts)
 
-# %% ../nbs/07_monitor.ipynb #204b30d1
 class ConsoleLogger(Logger):
-    "Progress bar on `stream`: redrawn in place on a terminal (at most every `min_interval` s), one line every `every` steps otherwise."
-    def __init__(self, total: int | None = None, batch_size: int | None = None, every: int = 10,
-                 start_step: int = 0, stream=None, enabled: bool = True, min_interval: float = 0.1):
-        if every < 1: raise ValueError(f"every must be >= 1 (print every N steps), got {every}")
-        self.total, self.batch_size, self.every, self.enabled = total, batch_size, every, enabled
-        self.stream, self.min_interval = stream or sys.stdout, min_interval
-        self.tty = getattr(self.stream, 'isatty', lambda: False)()
-        self.t0, self.s0, self._last, self._drawn = time.perf_counter(), start_step, None, -math.inf
+    "A `tqdm.auto` bar of the steps with loss, lr and img/s; not on a terminal (`disable=None`): one line at `close()`."
+    def __init__(self, total: int | None = None,   # steps of the run (None: a counter without a bar)
+                 batch_size: int | None = None,    # images per step, for img/s when the metrics have no `img_per_s`
+                 start_step: int = 0,              # the step a resumed run starts from
+                 stream=None,                      # where the bar goes (default `sys.stderr`, as tqdm)
+                 enabled: bool = True,             # False: nothing at all (ranks other than 0)
+                 min_interval: float = 0.1,        # seconds between redraws (tqdm's `mininterval`)
+                 disable: bool | None = None):     # tqdm's rule: None = a bar only on a terminal or in Jupyter
+        self.total, self.batch_size, self.s0, self.enabled = total, batch_size, start_step, enabled
+        self.stream, self.step, self.postfix, self.t0 = stream or sys.stderr, start_step, '', time.perf_counter()
+        self.bar = tqdm(total=total, initial=start_step, unit='step', file=self.stream, mininterval=min_interval,
+                        dynamic_ncols=True, leave=True, disable=True if not enabled else disable)
+        self.quiet = enabled and disable is None and self.bar.disable    # not a terminal: the final line only
 
     def log(self, metrics, step):
         if not self.enabled: return
-        now, end = time.perf_counter(), self.total is not None and step >= self.total
-        due = (now - self._drawn >= self.min_interval) if self.tty else step % self.every == 0
-        if not (due or end): return
-        line = format_progress(step, self.total, now - self.t0, metrics, steps_done=step - self.s0, batch_size=self.batch_size)
-        self.stream.write(('\r' + line.ljust(len(self._last or ''))) if self.tty else line + '\n')
-        self.stream.flush(); self._last, self._drawn = line, now
+        elapsed = time.perf_counter() - self.t0
+        ips = self.batch_size * (step - self.s0) / elapsed if self.batch_size and elapsed > 0 else None
+        self.step, self.postfix = step, _postfix(metrics, ips)
+        if self.bar.disable: return
+        self.bar.set_postfix_str(self.postfix, refresh=False)
+        self.bar.update(step - self.bar.n)                              # tqdm redraws at most every min_interval s
+        if self.total is not None and step >= self.total: self.bar.refresh()   # the last step is always drawn
 
     def close(self):
-        if self.enabled and self.tty and self._last: self.stream.write('\n'); self.stream.flush()
+        if self.quiet and self.step > self.s0:                          # a log file: one line with how the run ended
+            line = tqdm.format_meter(self.step, self.total, time.perf_counter() - self.t0, ascii=True, unit='step',
+                                     initial=self.s0, postfix=self.postfix or None)
+            self.stream.write(line + '\n'); self.stream.flush()
+        self.quiet = False; self.bar.close()
 
 # %% ../nbs/07_monitor.ipynb #f24f0b01
 class JSONLLogger(Logger):
@@ -219,15 +211,15 @@ class MultiLogger(Logger):
 
 def make_logger(out_dir: str | os.PathLike | None = None, enabled: bool = True, console: bool = True,
                 jsonl: bool = True, tensorboard: bool = True, wandb: bool = False, total: int | None = None,
-                batch_size: int | None = None, every: int = 10, start_step: int = 0,
-                wandb_kwargs: Mapping | None = None) -> MultiLogger:
-    "The run's loggers: console bar, `out_dir/metrics.jsonl`, `out_dir/tb/` and (optionally) W&B; nothing if not `enabled`."
+                batch_size: int | None = None, start_step: int = 0, wandb_kwargs: Mapping | None = None) -> MultiLogger:
+    "The run's loggers: console bar, `out_dir/metrics.jsonl`, `out_dir/tb/`, optionally W&B; nothing if not `enabled`."
     if not enabled: return MultiLogger()
     if out_dir is None and (jsonl or tensorboard):
-        raise ValueError("make_logger needs out_dir for the JSONL and TensorBoard loggers (or pass jsonl=False, tensorboard=False)")
+        raise ValueError("make_logger needs out_dir for the JSONL and TensorBoard loggers "
+                         "(or pass jsonl=False, tensorboard=False)")
     out = Path(out_dir) if out_dir is not None else None
     return MultiLogger(
-        ConsoleLogger(total, batch_size, every, start_step) if console else None,
+        ConsoleLogger(total, batch_size, start_step) if console else None,
         JSONLLogger(out / 'metrics.jsonl') if jsonl else None,
         TensorBoardLogger(out / 'tb') if tensorboard else None,
         WandbLogger(**{'dir': out, **(wandb_kwargs or {})}) if wandb else None)
@@ -241,9 +233,11 @@ def plot_metrics(source: str | os.PathLike | Sequence[Mapping], keys: Iterable[s
     import matplotlib; import matplotlib.pyplot as plt
     recs = read_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
     keys = [k for k in (keys or DEFAULT_PLOT_KEYS) if any(r.get(k) is not None for r in recs)]
-    if not keys: raise ValueError(f"none of the metrics {list(keys or DEFAULT_PLOT_KEYS)} is in the records: pass keys=")
+    if not keys:
+        raise ValueError(f"none of the metrics {list(keys or DEFAULT_PLOT_KEYS)} is in the records: pass keys=")
     nrows = math.ceil(len(keys) / ncols)
-    fig, axs = plt.subplots(nrows, min(ncols, len(keys)), figsize=(3.3 * min(ncols, len(keys)), 2.4 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, min(ncols, len(keys)), figsize=(3.3 * min(ncols, len(keys)), 2.4 * nrows),
+                            squeeze=False)
     for ax, k in zip(axs.flat, keys):
         pts = [(r['step'], r[k]) for r in recs if r.get(k) is not None]
         ax.plot(*zip(*pts), lw=1.2); ax.set_title(k, fontsize=9); ax.set_xlabel('step', fontsize=8)

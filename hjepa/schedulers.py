@@ -9,13 +9,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from .core import check_count
+from .model import default_level_weights
+
 # %% auto #0
 __all__ = ['SCHEDULES', 'warmup_cosine', 'linear', 'polynomial', 'cosine_restarts', 'constant', 'Schedule', 'lr_schedule',
            'momentum_schedule', 'wd_schedule', 'LevelWeightSchedule', 'plot_schedules', 'ParamScheduler']
 
 # %% ../nbs/06_schedulers.ipynb #86e1eef9
 def _check(total_steps, warmup_steps):
-    if int(total_steps) != total_steps or total_steps < 1: raise ValueError(f"total_steps must be a positive integer, got {total_steps}")
+    if int(total_steps) != total_steps or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps}")
     if warmup_steps < 0 or warmup_steps > total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
 
@@ -31,21 +35,24 @@ def _between(base, final, f):
     "`base` moved a fraction `f` of the way to `final`; exact at both ends (f = 0 -> base, f = 1 -> final)."
     return final if f >= 1 else base + (final - base) * f
 
-def warmup_cosine(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0, start: float = 0.0) -> float:
-    "Linear warm-up from `start` to `base` over `warmup_steps`, then cosine to the floor `final` at `total_steps` (and after)."
+def warmup_cosine(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
+                  start: float = 0.0) -> float:
+    "Linear warm-up from `start` to `base` over `warmup_steps`, then cosine to `final` at `total_steps` (and after)."
     _check(total_steps, warmup_steps)
     if step < warmup_steps: return _warmup(step, warmup_steps, start, base)
     return _between(base, final, 0.5 * (1 - math.cos(math.pi * _progress(step, total_steps, warmup_steps))))
 
 # %% ../nbs/06_schedulers.ipynb #d011d92f
-def linear(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0, start: float = 0.0) -> float:
+def linear(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
+           start: float = 0.0) -> float:
     "Linear warm-up, then a straight line from `base` to `final` at `total_steps`."
     _check(total_steps, warmup_steps)
     if step < warmup_steps: return _warmup(step, warmup_steps, start, base)
     return _between(base, final, _progress(step, total_steps, warmup_steps))
 
-def polynomial(step: int, total_steps: int, base: float, final: float = 0.0, power: float = 1.0, warmup_steps: int = 0, start: float = 0.0) -> float:
-    "Linear warm-up, then `final + (base - final) * (1 - p)**power`; `power=1` is linear, `power=2` decays faster early."
+def polynomial(step: int, total_steps: int, base: float, final: float = 0.0, power: float = 1.0, warmup_steps: int = 0,
+               start: float = 0.0) -> float:
+    "Linear warm-up, then `final + (base - final) * (1 - p)**power`; `power=1` is linear, `power=2` decays fast early."
     _check(total_steps, warmup_steps)
     if power <= 0: raise ValueError(f"power must be > 0, got {power}")
     if step < warmup_steps: return _warmup(step, warmup_steps, start, base)
@@ -54,8 +61,9 @@ def polynomial(step: int, total_steps: int, base: float, final: float = 0.0, pow
 # %% ../nbs/06_schedulers.ipynb #d2ae27e9
 def cosine_restarts(step: int, cycle_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
                     cycle_mult: float = 1.0, decay: float = 1.0, start: float = 0.0) -> float:
-    "SGDR: after warm-up, cosine cycles from `base * decay**k` to `final`; cycle k lasts `round(cycle_steps * cycle_mult**k)` steps."
-    if int(cycle_steps) != cycle_steps or cycle_steps < 1: raise ValueError(f"cycle_steps must be a positive integer, got {cycle_steps}")
+    "SGDR: warm-up, then cosine cycles `base * decay**k` -> `final`; cycle k has ~`cycle_steps * cycle_mult**k` steps."
+    if int(cycle_steps) != cycle_steps or cycle_steps < 1:
+        raise ValueError(f"cycle_steps must be a positive integer, got {cycle_steps}")
     if cycle_mult < 1: raise ValueError(f"cycle_mult must be >= 1 (cycles that shrink never end), got {cycle_mult}")
     if not 0 < decay <= 1: raise ValueError(f"decay must be in (0, 1], got {decay}")
     if warmup_steps < 0: raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -76,9 +84,10 @@ SCHEDULES: dict[str, Callable[..., float]] = dict(cosine=warmup_cosine, linear=l
                                                   restarts=cosine_restarts, constant=constant)
 
 class Schedule:
-    "A named schedule (`kind` in `SCHEDULES`) with fixed arguments: `sched(step)` -> value, a pure function of the step."
+    "A named schedule (`kind` in `SCHEDULES`) with fixed arguments: `sched(step)` -> value, a pure function of step."
     def __init__(self, kind: str = 'cosine', **kwargs):
-        if kind not in SCHEDULES: raise ValueError(f"unknown schedule kind {kind!r}: choose one of {', '.join(SCHEDULES)}")
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule kind {kind!r}: choose one of {', '.join(SCHEDULES)}")
         self.kind, self.kwargs, self.fn = kind, kwargs, SCHEDULES[kind]
         try: self.fn(0, **kwargs)                                  # fail now, not in the middle of training
         except TypeError as e: raise TypeError(f"Schedule({kind!r}): {e}") from None
@@ -91,10 +100,12 @@ class Schedule:
     def __repr__(self): return f"Schedule({self.kind!r}, {', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
 
 # %% ../nbs/06_schedulers.ipynb #aeac50de
-def lr_schedule(total_steps: int, base: float = 1e-3, warmup_frac: float = 0.1, final: float = 1e-6, start: float = 0.0, kind: str = 'cosine') -> Schedule:
-    "Learning rate: linear warm-up over `warmup_frac` of the steps, then `kind` ('cosine', 'linear', ...) down to `final`."
+def lr_schedule(total_steps: int, base: float = 1e-3, warmup_frac: float = 0.1, final: float = 1e-6, start: float = 0.0,
+                kind: str = 'cosine') -> Schedule:
+    "Learning rate: linear warm-up over `warmup_frac` of the steps, then `kind` ('cosine', 'linear', ...) to `final`."
     if not 0 <= warmup_frac < 1: raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
-    return Schedule(kind, total_steps=total_steps, base=base, final=final, warmup_steps=round(warmup_frac * total_steps), start=start)
+    return Schedule(kind, total_steps=total_steps, base=base, final=final,
+                    warmup_steps=round(warmup_frac * total_steps), start=start)
 
 def momentum_schedule(total_steps: int, start: float = 0.996, end: float = 1.0, kind: str = 'cosine') -> Schedule:
     "EMA momentum of the target encoder, rising from `start` to `end` over training (cosine or linear)."
@@ -109,17 +120,21 @@ def wd_schedule(total_steps: int, start: float = 0.04, end: float = 0.4, kind: s
 
 # %% ../nbs/06_schedulers.ipynb #183af2fa
 class LevelWeightSchedule:
-    "Per-level loss weights for H-JEPA at a step: the coarsest level at full weight from step 0, finer levels ramped in one by one."
+    "Per-level H-JEPA loss weights at a step: coarsest at full weight from step 0, finer levels ramped in one by one."
     def __init__(self, num_levels: int, total_steps: int, final_weights: Sequence[float] | None = None,
                  ramp_frac: float = 0.5, min_weight: float = 0.0):
-        if num_levels < 1: raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        num_levels = check_count('num_levels', num_levels, 1)
         _check(total_steps, 0)
-        if final_weights is None: final_weights = [1.0, 0.7, 0.5, 0.35, 0.25][:num_levels] + [0.25] * max(0, num_levels - 5)
-        if len(final_weights) != num_levels: raise ValueError(f"final_weights has {len(final_weights)} entries for num_levels={num_levels}")
-        if min(final_weights) < 0 or final_weights[-1] <= 0: raise ValueError(f"final_weights must be >= 0 with the coarsest > 0, got {list(final_weights)}")
+        if final_weights is None: final_weights = default_level_weights(num_levels)
+        if len(final_weights) != num_levels:
+            raise ValueError(f"final_weights has {len(final_weights)} entries for num_levels={num_levels}")
+        if min(final_weights) < 0 or final_weights[-1] <= 0:
+            raise ValueError(f"final_weights must be >= 0 with the coarsest > 0, got {list(final_weights)}")
         if not 0 <= ramp_frac <= 1: raise ValueError(f"ramp_frac must be in [0, 1], got {ramp_frac}")
-        if not 0 <= min_weight <= 1: raise ValueError(f"min_weight must be in [0, 1] (a fraction of the final weight), got {min_weight}")
-        self.num_levels, self.total_steps, self.final_weights = num_levels, total_steps, [float(w) for w in final_weights]
+        if not 0 <= min_weight <= 1:
+            raise ValueError(f"min_weight must be in [0, 1] (a fraction of the final weight), got {min_weight}")
+        self.num_levels, self.total_steps = num_levels, total_steps
+        self.final_weights = [float(w) for w in final_weights]
         self.ramp_frac, self.min_weight = ramp_frac, min_weight
 
     def __call__(self, step: int) -> list[float]:
@@ -135,7 +150,8 @@ class LevelWeightSchedule:
         return out
 
     def __repr__(self): return (f"LevelWeightSchedule(num_levels={self.num_levels}, total_steps={self.total_steps}, "
-                                f"final_weights={self.final_weights}, ramp_frac={self.ramp_frac}, min_weight={self.min_weight})")
+                                f"final_weights={self.final_weights}, ramp_frac={self.ramp_frac}, "
+                                f"min_weight={self.min_weight})")
 
 # %% ../nbs/06_schedulers.ipynb #bd0e0975
 def plot_schedules(schedules: dict, total_steps: int, ncols: int = 3, size: tuple[float, float] = (3.6, 2.4)):
@@ -160,7 +176,8 @@ class ParamScheduler:
     "Set lr (and weight decay) of every param group from schedules at each step; `state_dict` is just the step."
     def __init__(self, optimizer: torch.optim.Optimizer, lr: Callable[[int], float] | None = None,
                  wd: Callable[[int], float] | None = None, step: int = 0):
-        if not isinstance(optimizer, torch.optim.Optimizer): raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer, self.lr, self.wd = optimizer, lr, wd
         self._decays = [g.get('weight_decay', 0) > 0 for g in optimizer.param_groups]   # no-decay groups stay at 0
         self.last_step = step
@@ -182,5 +199,6 @@ class ParamScheduler:
     def state_dict(self) -> dict: return {'last_step': self.last_step}
     def load_state_dict(self, state: dict) -> None:
         "Jump to the saved step (the schedules are pure functions of it, so this resumes exactly)."
-        if 'last_step' not in state: raise KeyError(f"not a ParamScheduler state (keys: {sorted(state)}): expected 'last_step'")
+        if 'last_step' not in state:
+            raise KeyError(f"not a ParamScheduler state (keys: {sorted(state)}): expected 'last_step'")
         self.last_step = int(state['last_step']); self._apply()

@@ -6,7 +6,8 @@
 Trains an MLP for 2 epochs with SGD + momentum on 64 fixed examples (global batch 16 = 2 ranks x 8), saving a
 checkpoint after epoch 1 (rank 0 only), then every rank rebuilds the model, resumes from the checkpoint rank 0 picked,
 re-trains epoch 2 and checks it lands on the same weights. Rank 0 gathers every rank's final parameters and writes
-OUT/result.pt. An audit hook records every file each rank writes under OUT, so the test can check that only rank 0 wrote.
+OUT/result.pt. An audit hook records every file each rank writes under OUT, so the test can check that only rank 0
+wrote.
 """
 import json, os, sys
 from pathlib import Path
@@ -17,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hjepa.checkpoint import CheckpointManager
 from hjepa.data import build_loader, set_epoch
-from hjepa.distributed import (cleanup_distributed, get_rank, get_world_size, is_dist, load_latest_synced,
-                               main_process_only, reduce_metrics, save_on_main, setup_distributed, shard_indices, wrap_ddp)
+from hjepa.distributed import (any_rank, cleanup_distributed, get_rank, get_world_size, is_dist, load_latest_synced,
+                               main_process_only, reduce_metrics, save_on_main, setup_distributed, shard_indices,
+                               wrap_ddp)
 
 GLOBAL_BATCH, EPOCHS, N = 16, 2, 64
 WRITES = []   # (event, path) of every write this process makes under OUT, recorded by an audit hook
@@ -31,7 +33,8 @@ def audit_writes(out):
     def hook(event, args):
         if event == 'open':
             path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in 'wax+')) or (isinstance(flags, int) and flags & wflags)
+            writing = ((isinstance(mode, str) and any(c in mode for c in 'wax+'))
+                       or (isinstance(flags, int) and flags & wflags))
             paths = [path] if writing else []
         elif event in ('os.rename', 'os.link', 'os.symlink'): paths = [args[1]]
         elif event in ('os.remove', 'os.mkdir', 'os.rmdir', 'os.truncate'): paths = [args[0]]
@@ -76,6 +79,17 @@ def run_epoch(model, opt, ds, epoch, single):
     return reduce_metrics({'loss': sum(losses) / len(losses), 'steps': float(len(losses))})
 
 
+def collectives():
+    "The rank helpers of hjepa.core (re-exported by hjepa.distributed) on per-rank values: rank r holds r + 1."
+    r = get_rank()
+    return {'mean': reduce_metrics({'x': r + 1.0, 'y': 10.0 * (r + 1)}),
+            'weighted': reduce_metrics({'x': r + 1.0}, weight=r + 1),          # (1*1 + 2*2) / (1 + 2) on 2 ranks
+            'sum': reduce_metrics({'n': r + 1.0}, op='sum'),
+            'max': reduce_metrics({'g': r + 1.0}, op='max'),
+            'vote_last': any_rank(r == get_world_size() - 1),                  # true on one rank only
+            'vote_none': any_rank(False)}
+
+
 def flat(model):
     m = model.module if hasattr(model, 'module') else model
     return torch.cat([p.detach().flatten() for p in m.parameters()])
@@ -93,9 +107,12 @@ def main(out, single):
     for epoch in range(EPOCHS):
         history.append(run_epoch(model, opt, ds, epoch, single))
         if epoch == 0:   # checkpoint after epoch 1: rank 0 writes, everyone waits
-            if rank == 0: mgr.save({'model': (model.module if is_dist() else model).state_dict(), 'opt': opt.state_dict()}, step=1)
+            if rank == 0:
+                mgr.save({'model': (model.module if is_dist() else model).state_dict(), 'opt': opt.state_dict()},
+                         step=1)
             save_on_main({'epoch': epoch, 'history': history}, out / 'epoch0.pt')
     final = flat(model)
+    coll = collectives()
 
     # resume: a fresh model and optimiser on every rank, loaded from the file rank 0 picked, then epoch 2 again
     ck = load_latest_synced(mgr if rank == 0 else CheckpointManagerStub())
@@ -112,8 +129,9 @@ def main(out, single):
         torch.distributed.all_gather(gathered, final)
         torch.distributed.all_gather(gathered_resumed, resumed)
         torch.distributed.all_gather_object(writes, list(WRITES))   # which files each rank wrote so far
-    write_result(out, {'final': gathered, 'resumed': gathered_resumed, 'history': history, 'world_size': get_world_size(),
-                       'resume_step': ck['step'], 'writes': writes})
+    write_result(out, {'final': gathered, 'resumed': gathered_resumed, 'history': history,
+                       'world_size': get_world_size(), 'resume_step': ck['step'], 'writes': writes,
+                       'collectives': coll})
     cleanup_distributed()
 
 

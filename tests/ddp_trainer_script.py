@@ -7,7 +7,7 @@ Then a second Trainer on every rank resumes from the step-2 checkpoint (copied b
 trains to STEPS again. Rank 0 gathers every rank's full model state (context + EMA target + predictor + heads) of
 both runs and the files each rank wrote (an audit hook), and writes OUT/result_STEPS.pt.
 """
-import os, shutil, sys
+import shutil, sys
 from pathlib import Path
 
 import torch
@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_script import WRITES, audit_writes
 from hjepa.data import build_loader, load_dataset
-from hjepa.distributed import (barrier, cleanup_distributed, get_world_size, is_main_process, rank_seed, setup_distributed,
-                               wrap_ddp)
+from hjepa.distributed import (barrier, cleanup_distributed, get_world_size, is_main_process, rank_seed,
+                               setup_distributed, wrap_ddp)
 from hjepa.masking import HierarchicalMaskGenerator, MaskCollator, preset_8x8
 from hjepa.model import HJEPA
 from hjepa.trainer import Trainer

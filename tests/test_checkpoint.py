@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hjepa.checkpoint import (CheckpointError, CheckpointManager, atomic_save, gather_state, keep_steps, load_checkpoint,
-                              restore_state, rng_state, save_checkpoint, set_rng_state)
+from hjepa.checkpoint import (CheckpointError, CheckpointManager, gather_state, load_checkpoint, restore_state,
+                              save_checkpoint)
 
 
 def _state(seed=0, n=1000):

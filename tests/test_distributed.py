@@ -15,7 +15,8 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     env.update(OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), WANDB_MODE='disabled', MPLBACKEND='Agg')
     return env
 
@@ -23,7 +24,8 @@ def _env():
 def _run(cmd, timeout=240):
     t0 = time.time()
     r = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n"
+                               f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return time.time() - t0
 
 
@@ -48,7 +50,7 @@ def test_parameters_identical_on_both_ranks(runs):
 
 
 def test_ddp_matches_one_process_on_the_same_global_batch(runs):
-    "2 ranks x 8 examples with averaged gradients = 1 process x 16 examples (the ranks even started from different inits)."
+    "2 ranks x 8 examples with averaged gradients = 1 process x 16 examples (ranks even start from different inits)."
     _, ddp, single = runs
     a, s = ddp['final'][0], single['final'][0]
     assert not torch.equal(a, torch.zeros_like(a))
@@ -66,6 +68,18 @@ def test_every_rank_resumes_from_the_same_file(runs):
     r0, r1 = ddp['resumed']
     assert torch.equal(r0, r1)
     torch.testing.assert_close(r0, ddp['final'][0], rtol=1e-6, atol=1e-7)
+
+
+def test_rank_helpers_reduce_over_two_ranks(runs):
+    "reduce_metrics (mean, weighted mean, sum, max) and the any_rank vote, with rank r holding r + 1 (from hjepa.core)."
+    _, ddp, single = runs
+    c = ddp['collectives']
+    assert c['mean'] == {'x': 1.5, 'y': 15.0}
+    assert abs(c['weighted']['x'] - 5 / 3) < 1e-12
+    assert c['sum'] == {'n': 3.0} and c['max'] == {'g': 2.0}
+    assert c['vote_last'] is True and c['vote_none'] is False            # one rank's True reaches every rank
+    s = single['collectives']                                             # one process: its own numbers
+    assert s['mean'] == {'x': 1.0, 'y': 10.0} and s['max'] == {'g': 1.0} and s['vote_last'] is True
 
 
 def test_only_rank_zero_writes(runs):

@@ -1,13 +1,12 @@
 """Properties of hjepa.eval that a notebook does not show: invariances of the probes, determinism, chunking,
 and probing the encoder inside a real Trainer checkpoint."""
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.utils.data import TensorDataset
 
 from hjepa.encoders import ViT
-from hjepa.eval import (evaluate_checkpoint, extract_features, knn_predict, linear_probe, load_eval_encoder, pixel_features,
-                        probe, standardize)
+from hjepa.eval import (evaluate_checkpoint, extract_features, knn_predict, linear_probe, load_eval_encoder,
+                        pixel_features, probe, standardize)
 
 
 def _blobs(seed, n=240, D=6, C=3, spread=1.0):
@@ -51,7 +50,8 @@ def test_probe_deterministic_and_better_than_chance():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (96,), generator=g)
     imgs = torch.rand(96, 1, 32, 32, generator=g) * 0.2
-    for c in range(3): imgs[y == c, :, 8 * c:8 * c + 10, :] += 0.8            # a bright band whose row depends on the class
+    # a bright band whose row depends on the class
+    for c in range(3): imgs[y == c, :, 8 * c:8 * c + 10, :] += 0.8
     ds_tr, ds_te = TensorDataset(imgs[:64], y[:64]), TensorDataset(imgs[64:], y[64:])
     enc = ViT.from_preset('nano', in_chans=1)
     r1, r2 = probe(enc, ds_tr, ds_te), probe(enc, ds_tr, ds_te)
@@ -81,3 +81,14 @@ def test_evaluate_a_real_trainer_checkpoint(tmp_path):
     assert not torch.allclose(extract_features(ctx, x)[0], extract_features(enc, x)[0])   # 2 steps moved them apart
     r = evaluate_checkpoint(path, ds, load_dataset('synthetic', 'test', n=16))
     assert r['n_train'] == 16 and r['n_test'] == 16 and 0 <= r['linear'] <= 1 and r['dim'] == 96
+
+
+def test_eval_uses_cores_one_thread():
+    "One copy of one_thread (hjepa.core); the probe restores the caller's thread count."
+    import hjepa.core, hjepa.eval
+    assert hjepa.eval.one_thread is hjepa.core.one_thread
+    n = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g), torch.arange(40) % 2
+    linear_probe(X, y, X, y, max_iter=5)
+    assert torch.get_num_threads() == n

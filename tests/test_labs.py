@@ -5,14 +5,15 @@
 - Every registered exercise rejects the unimplemented stub and each of its plausible wrong answers,
   and accepts the lab's reference solution.
 - Every exercise a lab checks is registered, and every solution function has a checker.
+- The wrong answers are private: they never become library names (in `__all__` or nbdev's symbol index).
 """
-import ast, json, re
+import ast, importlib, json, re
 from pathlib import Path
 
 import pytest
 
-from hjepa.exercises import (EXERCISES, ExerciseFailed, _load_checkers, is_solution, make_student, run_cells,
-                             stub_source, write_student_lab, list_labs)
+from hjepa.labs import (EXERCISES, ExerciseFailed, _load_checkers, is_solution, run_cells, stub_source,
+                        write_student_lab, list_labs)
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = sorted((ROOT / 'lessons').glob('[0-9]*.ipynb'))
@@ -26,7 +27,8 @@ def cells(nb, kind='code'):
 
 def solution_functions(nb):
     "Names of the functions defined in the lab's #| solution cells."
-    return [n.name for src in cells(nb) if is_solution(src) for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)]
+    return [n.name for src in cells(nb) if is_solution(src)
+            for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)]
 
 
 def test_there_are_labs():
@@ -68,12 +70,14 @@ def test_checker_rejects_stub_and_wrong_answers(name):
     assert not all(ok for _, ok, _ in ex.run(stub)), f"{name}: the checker accepts an unimplemented stub"
     for w in ex.wrongs:
         res = ex.run(w)
-        assert not all(ok for _, ok, _ in res), f"{name}: the checker accepts the wrong answer {w.__doc__!r}"
+        assert not all(ok for _, ok, _ in res), \
+            f"{name}: the checker accepts the wrong answer {w.__name__}: {w.__doc__!r}"
 
 
 @pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
 def test_reference_solutions_pass_their_checkers(lab):
-    "Run only the lab's solution cells (no data loading) and check each function, so a checker that rejects the reference fails here."
+    """Run only the lab's solution cells (no data loading) and check each function, so a checker that rejects the
+    reference fails here."""
     nb = json.loads(lab.read_text())
     setup = [s for s in cells(nb) if re.match(r'^(import|from) ', s.strip()) and not is_solution(s)]
     ns = {}
@@ -90,3 +94,43 @@ def test_stub_keeps_signature_and_docstring():
     import inspect
     assert str(inspect.signature(ns['f'])) == '(a, b=2)' and ns['f'].__doc__ == 'Doc.'
     with pytest.raises(NotImplementedError): ns['f'](1)
+
+
+CHECKERS = sorted(p for p in (ROOT / 'nbs' / 'checks').glob('[0-9]*.ipynb') if (ROOT / 'nbs' / p.name).exists())
+
+
+def test_every_checker_notebook_is_found():
+    "`check` discovers the checkers by importing `hjepa.labs.checks.*`: each chapter's checker must be there."
+    mods = {ex.tests[0][1].__module__ for ex in EXERCISES.values() if ex.tests}
+    want = {f"hjepa.labs.checks.{p.stem.split('_', 1)[1]}" for p in CHECKERS}
+    assert CHECKERS and want <= mods, f"checker modules never loaded by check(): {sorted(want - mods)}"
+    assert all(m.startswith('hjepa.labs.checks.') for m in mods), sorted(mods)
+
+
+def _library_names() -> set[str]:
+    "Every name nbdev indexes for the library's own modules (not the checkers), as nbdev's lookup strips it."
+    from hjepa._modidx import d
+    return {k.removeprefix(m + '.') for m, syms in d['syms'].items() if not m.startswith('hjepa.labs') for k in syms}
+
+
+@pytest.mark.parametrize('name', sorted(EXERCISES), ids=str)
+def test_wrong_answers_are_private(name):
+    ex = EXERCISES[name]
+    for w in ex.wrongs:
+        assert w.__name__.startswith('_wrong_'), \
+            f"{name}: the wrong answer {w.__name__!r} must be private (`_wrong_{name}_<mistake>`), not a library name"
+        mod = importlib.import_module(w.__module__)
+        assert w.__name__ not in getattr(mod, '__all__', []), f"{w.__module__}.__all__ exports {w.__name__}"
+
+
+def test_checkers_export_no_library_name():
+    "A checker's public names (its `__all__`) and the names nbdev indexes for it never shadow a library name."
+    from hjepa._modidx import d
+    lib = _library_names()
+    for m, syms in d['syms'].items():
+        if not m.startswith('hjepa.labs.checks.'): continue
+        public = set(importlib.import_module(m).__all__)
+        leaked = sorted(n for n in public if not n.startswith('ex_'))
+        assert not leaked, f"{m} exports {leaked}: make them private"
+        clash = sorted({k.removeprefix(m + '.') for k in syms} & lib)
+        assert not clash, f"{m} defines {clash}, which the library defines too: the site would link them to the checker"

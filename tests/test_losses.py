@@ -1,4 +1,4 @@
-"""Property tests for hjepa.losses that a notebook cannot show: randomised (hypothesis) runs and DINO's center under DDP."""
+"""Property tests of hjepa.losses a notebook cannot show: randomised (hypothesis) runs and DINO's center under DDP."""
 import math, os, socket
 import pytest
 import torch
@@ -82,7 +82,8 @@ def test_vicreg_collapsed_is_penalised(seed, value, d):
 @given(seeds, st.floats(-100, 100), st.integers(2, 10))
 def test_vicreg_covariance_zero_for_decorrelated(seed, offset, d):
     g = torch.Generator().manual_seed(seed)
-    z = whiten(torch.randn(400, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64))
+    z = whiten(torch.randn(400, d, generator=g, dtype=torch.float64)
+               @ torch.randn(d, d, generator=g, dtype=torch.float64))
     z = z * torch.rand(d, generator=g, dtype=torch.float64) * 3 + offset    # rescaled, shifted: still decorrelated
     assert covariance_term(z).item() < 1e-12
     corr = torch.randn(400, 1, generator=g).repeat(1, d)
@@ -171,7 +172,8 @@ def test_dino_center_is_averaged_over_processes(tmp_path):
     import torch.multiprocessing as mp
     t_full = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0)) + torch.arange(5.)
     ref = DINOLoss(out_dim=5); ref.update_center(t_full)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), t_full, str(tmp_path)), nprocs=2, join=True, start_method='fork')
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), t_full, str(tmp_path)), nprocs=2, join=True,
+                       start_method='fork')
     for r in range(2): assert torch.allclose(torch.load(tmp_path / f'center{r}.pt'), ref.center, atol=1e-6)
 
 

@@ -1,5 +1,5 @@
 """Property tests for hjepa.masking over thousands of sampled masks, DataLoader workers and the small-grid cases."""
-import math, time, threading, warnings
+import math, threading, warnings
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from hjepa.masking import (HierarchicalMaskGenerator, MaskCollator, MultiBlockMaskGenerator, apply_masks, block_corners,
                            block_indices, block_size, level_to_patches, preset_8x8)
 
-torch.set_num_threads(1)          # masks are made in DataLoader workers, which use one thread; also faster on a busy CPU
+# masks are made in DataLoader workers, which use one thread; also faster on a busy CPU
+torch.set_num_threads(1)
 G = lambda s: torch.Generator().manual_seed(s)
 
 
@@ -76,10 +77,13 @@ def test_block_size_in_range(H, W, s0, ds, a0, da, seed):
     h, w = block_size((H, W), (s0, s1), (a0, a1), G(seed))
     assert 1 <= h <= H and 1 <= w <= W
     N = H * W
-    if 1 < h < H and 1 < w < W:                                                  # not clipped: area/aspect up to rounding
-        lo, hi = (math.sqrt(N * s0 * a0) - 0.5) * (math.sqrt(N * s0 / a1) - 0.5), (math.sqrt(N * s1 * a1) + 0.5) * (math.sqrt(N * s1 / a0) + 0.5)
+    if 1 < h < H and 1 < w < W:                                      # not clipped: area/aspect up to rounding
+        lo = (math.sqrt(N * s0 * a0) - 0.5) * (math.sqrt(N * s0 / a1) - 0.5)
+        hi = (math.sqrt(N * s1 * a1) + 0.5) * (math.sqrt(N * s1 / a0) + 0.5)
         assert lo - 1e-9 <= h * w <= hi + 1e-9
-        assert (h - 0.5) / (w + 0.5) <= a1 * (1 + 1e-9) + 1e-9 or True
+        # h = round(sqrt(N s a)) and w = round(sqrt(N s / a)) for one draw (s, a): rounding moves each by <= 0.5
+        assert (h - 0.5) / (w + 0.5) <= a1 * (1 + 1e-9) + 1e-9
+        assert (h + 0.5) / (w - 0.5) >= a0 * (1 - 1e-9) - 1e-9
         assert (math.sqrt(N * s0 * a0) - 0.5 - 1e-9 <= h <= math.sqrt(N * s1 * a1) + 0.5 + 1e-9)
 
 
@@ -98,7 +102,8 @@ def test_corners_reach_every_position():
 
 configs = st.fixed_dictionaries(dict(
     H=st.integers(4, 16), W=st.integers(4, 16), num_levels=st.integers(1, 3),
-    e0=st.floats(0.5, 1.0), p0=st.floats(0.05, 0.3), dp=st.floats(0, 0.1), a0=st.floats(0.4, 1.0), a1=st.floats(1.0, 2.5),
+    e0=st.floats(0.5, 1.0), p0=st.floats(0.05, 0.3), dp=st.floats(0, 0.1),
+    a0=st.floats(0.4, 1.0), a1=st.floats(1.0, 2.5),
     npred=st.integers(1, 5), min_keep=st.integers(0, 12), allow_overlap=st.booleans(), nenc=st.integers(1, 2),
     B=st.integers(1, 64), seed=st.integers(0, 2**31)))
 
@@ -106,7 +111,8 @@ configs = st.fixed_dictionaries(dict(
 def build(c):
     return HierarchicalMaskGenerator(grid=(c['H'], c['W']), num_levels=c['num_levels'], enc_scale=(c['e0'], 1.0),
                                      pred_scale=(c['p0'], min(c['p0'] + c['dp'], 1.0)), aspect=(c['a0'], c['a1']),
-                                     nenc=c['nenc'], npred=c['npred'], min_keep=c['min_keep'], allow_overlap=c['allow_overlap'])
+                                     nenc=c['nenc'], npred=c['npred'], min_keep=c['min_keep'],
+                                     allow_overlap=c['allow_overlap'])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -114,7 +120,8 @@ def build(c):
 def test_generator_invariants(c):
     "For any valid configuration: shapes, ranges, rectangles, disjointness, min_keep, determinism."
     try: gen = build(c)
-    except ValueError as e:                                   # rejected at construction, with a message naming a parameter
+    # rejected at construction, with a message naming a parameter
+    except ValueError as e:
         assert any(k in str(e) for k in ('grid', 'min_keep', 'pred_scale', 'num_levels')), str(e)
         assume(False)
     with warnings.catch_warnings():
@@ -131,7 +138,8 @@ def test_generator_invariants(c):
 def test_one_level_is_ijepa(c):
     "HierarchicalMaskGenerator(num_levels=1) gives exactly MultiBlockMaskGenerator's masks for the same random state."
     kw = dict(grid=(c['H'], c['W']), enc_scale=(c['e0'], 1.0), pred_scale=(c['p0'], min(c['p0'] + c['dp'], 1.0)),
-              aspect=(c['a0'], c['a1']), nenc=c['nenc'], npred=c['npred'], min_keep=c['min_keep'], allow_overlap=c['allow_overlap'])
+              aspect=(c['a0'], c['a1']), nenc=c['nenc'], npred=c['npred'], min_keep=c['min_keep'],
+              allow_overlap=c['allow_overlap'])
     try: mb = MultiBlockMaskGenerator(**kw)
     except ValueError: assume(False)
     hg = HierarchicalMaskGenerator(num_levels=1, **kw)
@@ -188,7 +196,7 @@ def test_hierarchical_targets_index_pooled_grids():
         mc, mt = gen(128, G(s))
         cov = check_masks(gen, 128, mc, mt)
         assert mt[2].max() < 9
-        assert (cov.sum(1) >= 16).all()                                      # a level-2 target alone covers ≥ 4×4 patches
+        assert (cov.sum(1) >= 16).all()                                 # a level-2 target alone covers ≥ 4×4 patches
 
 
 # --------------------------------------------------------------------------- small grids, relaxations, bad input
@@ -235,7 +243,7 @@ def test_relaxation_is_bounded_and_reported():
             mc, mt = gen(256, G(s)); relaxed += gen.last_stats['relaxed']
             check_masks(gen, 256, mc, mt)
     assert relaxed > 0
-    gen20 = MultiBlockMaskGenerator(grid=(8, 8), min_keep=20)                # with redraws the same settings meet min_keep
+    gen20 = MultiBlockMaskGenerator(grid=(8, 8), min_keep=20)            # with redraws the same settings meet min_keep
     for s in range(20):
         mc, _ = gen20(256, G(s))
         assert gen20.last_stats['relaxed'] == 0 and mc.shape[1] >= 20
@@ -244,17 +252,17 @@ def test_relaxation_is_bounded_and_reported():
 @pytest.mark.parametrize('kw,msg', [
     (dict(grid=(8,)), 'grid must be (h, w)'),
     (dict(grid=(8, 0)), 'grid must be (h, w)'),
-    (dict(pred_scale=(0.3, 0.2)), 'pred_scale: min 0.3 > max 0.2'),
-    (dict(enc_scale=(0.5, 1.2)), 'enc_scale must lie in (0.0, 1.0]'),
-    (dict(pred_scale=(-0.1, 0.2)), 'pred_scale must lie'),
-    (dict(aspect=(2.0, 1.0)), 'aspect: min 2.0 > max 1.0'),
-    (dict(aspect=(0.0, 1.0)), 'aspect must lie'),
+    (dict(pred_scale=(0.3, 0.2)), 'pred_scale = (0.3, 0.2) has min > max'),
+    (dict(enc_scale=(0.5, 1.2)), 'enc_scale = (0.5, 1.2) must lie in (0.0, 1.0]'),
+    (dict(pred_scale=(-0.1, 0.2)), 'pred_scale = (-0.1, 0.2) must lie in (0.0, 1.0]'),
+    (dict(aspect=(2.0, 1.0)), 'aspect = (2.0, 1.0) has min > max'),
+    (dict(aspect=(0.0, 1.0)), 'aspect = (0.0, 1.0) must lie in (0.0, inf)'),
     (dict(grid=(4, 4), min_keep=17), 'larger than the grid'),
     (dict(grid=(8, 8), min_keep=40), 'min_keep=40'),
     (dict(grid=(3, 3), pred_scale=(0.02, 0.05), min_keep=1), 'grid too small'),
-    (dict(npred=0), 'npred must be an int >= 1'),
-    (dict(nenc=0), 'nenc must be an int >= 1'),
-    (dict(min_keep=-1), 'min_keep must be an int >= 0'),
+    (dict(npred=0), 'npred must be an int in [1, inf], got 0'),
+    (dict(nenc=0), 'nenc must be an int in [1, inf], got 0'),
+    (dict(min_keep=-1), 'min_keep must be an int in [0, inf], got -1'),
     (dict(pred_scale=0.2), 'pred_scale must be a (min, max) pair'),
 ])
 def test_bad_input_raises_at_construction(kw, msg):
@@ -264,7 +272,8 @@ def test_bad_input_raises_at_construction(kw, msg):
 
 
 def test_bad_hierarchical_input():
-    with pytest.raises(ValueError, match='too small for num_levels=4'): HierarchicalMaskGenerator(grid=(4, 4), num_levels=4)
+    with pytest.raises(ValueError, match='too small for num_levels=4'):
+        HierarchicalMaskGenerator(grid=(4, 4), num_levels=4)
     with pytest.raises(ValueError, match='per-level values'): HierarchicalMaskGenerator(num_levels=2, npred=(4, 1, 1))
     with pytest.raises(ValueError, match='batch_size'): MultiBlockMaskGenerator()(0)
 
@@ -304,7 +313,8 @@ class _DS(torch.utils.data.Dataset):
 def _epoch(seed, workers, gen_seed=0):
     gen = MultiBlockMaskGenerator(**preset_8x8())
     dl = torch.utils.data.DataLoader(_DS(), batch_size=8, shuffle=True, num_workers=workers,
-                                     generator=torch.Generator().manual_seed(seed), collate_fn=MaskCollator(gen, seed=gen_seed))
+                                     generator=torch.Generator().manual_seed(seed),
+                                     collate_fn=MaskCollator(gen, seed=gen_seed))
     return [(x, y, mc, mt) for x, y, mc, mt in dl]
 
 
@@ -341,7 +351,7 @@ def test_explorer_static_outside_a_kernel():
 
 
 def test_explorer_widgets_update_in_a_shell():
-    "With widgets forced on inside an IPython shell: a figure, then sliders; moving one redraws, a bad value shows the error."
+    "Widgets forced on in an IPython shell: a figure, then sliders; moving one redraws, a bad value shows the error."
     from execnb.shell import CaptureShell
     sh = CaptureShell()
     out = sh.run('''
@@ -363,3 +373,16 @@ bad_msg = box.children[-1].value
     assert kinds.count('image/png') >= 2 and 'application/vnd.jupyter.widget-view+json' in kinds
     assert set(sh.user_ns['sliders']) == {'pred_scale', 'aspect', 'npred', 'num_levels', 'min_keep', 'seed'}
     assert sh.user_ns['ok_msg'] == '' and 'min_keep=60' in sh.user_ns['bad_msg']
+
+
+def test_shared_helpers_come_from_core():
+    "masking uses core's one_thread and checks (one copy of each); the old import path still works."
+    import hjepa.core as core, hjepa.masking as masking
+    assert masking.one_thread is core.one_thread
+    assert not hasattr(masking, '_pair') and not hasattr(masking, '_count')
+
+
+def test_level_to_patches_stays_on_the_indices_device():
+    "The model calls level_to_patches on GPU indices: offsets must be built on idx's device (meta stands in for cuda)."
+    out = level_to_patches(torch.tensor([[5]], device='meta'), (8, 8), 1)
+    assert out.device.type == 'meta' and out.shape == (1, 4)

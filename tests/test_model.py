@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from hjepa.masking import HierarchicalMaskGenerator, MultiBlockMaskGenerator, apply_masks
-from hjepa.model import HJEPA, pool_grid, cells_to_patches
+from hjepa.masking import level_to_patches
+from hjepa.model import HJEPA, default_level_weights, pool_grid
 
-GEN3 = dict(grid=(8, 8), num_levels=3, npred=[3, 1, 1], pred_scale=[(0.1, 0.15), (0.125, 0.125), (0.25, 0.25)], min_keep=4)
+GEN3 = dict(grid=(8, 8), num_levels=3, npred=[3, 1, 1], pred_scale=[(0.1, 0.15), (0.125, 0.125), (0.25, 0.25)],
+            min_keep=4)
 
 
 def _model(levels=3, head='linear', seed=0, **kw):
@@ -59,7 +61,7 @@ def test_levels_change_the_targets_and_use_2d_cells():
             want = apply_masks(F.layer_norm(pool_grid(z, (8, 8), l), (96,)), mt[l])
             torch.testing.assert_close(out.targets[l], want)
     # a level-1 cell covers a 2x2 square of patches
-    assert sorted(cells_to_patches(torch.tensor([5]), (8, 8), 1).tolist()) == [18, 19, 26, 27]
+    assert sorted(level_to_patches(torch.tensor([5]), (8, 8), 1).tolist()) == [18, 19, 26, 27]
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -127,3 +129,14 @@ def test_bad_inputs_name_the_parameter():
     model = _model()
     mc, mt = HierarchicalMaskGenerator(**GEN3)(2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match='num_levels=3'): model(_batch(2), mc, mt[:1])
+
+
+@pytest.mark.parametrize('L', [1, 2, 3])
+def test_default_level_weights_are_the_models_defaults(L):
+    "The model takes its default per-level weights from default_level_weights (the one place they are defined)."
+    assert _model(levels=L).level_weights == default_level_weights(L)
+
+
+def test_default_level_weights_decay():
+    w = default_level_weights(7)
+    assert w[:3] == [1.0, 0.7, 0.5] and all(abs(b - 0.7 * a) < 1e-12 for a, b in zip(w[2:], w[3:]))

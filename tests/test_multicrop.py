@@ -1,5 +1,4 @@
 "Tests for hjepa.multicrop that a notebook cannot show: real DataLoader workers, many seeds, property checks."
-import math
 
 import numpy as np
 import pytest
@@ -29,7 +28,8 @@ def shapes_ds(n=12, size=32):
 
 # ---------------------------------------------------------------- boxes
 @settings(max_examples=60, deadline=None)
-@given(H=st.integers(8, 300), W=st.integers(8, 300), lo=st.floats(0.02, 1.0), span=st.floats(0, 1), seed=st.integers(0, 2**31))
+@given(H=st.integers(8, 300), W=st.integers(8, 300), lo=st.floats(0.02, 1.0), span=st.floats(0, 1),
+       seed=st.integers(0, 2**31))
 def test_boxes_fit_and_keep_their_scale(H, W, lo, span, seed):
     hi = min(1.0, lo + span)
     bx = sample_crop_boxes((H, W), 200, (lo, hi), generator=torch.Generator().manual_seed(seed))
@@ -83,7 +83,8 @@ def test_grey_and_tensor_inputs():
 def test_boxes_say_where_the_pixels_came_from():
     "A crop of the coordinate image has mean red = box centre x and mean green = box centre y; flips reverse red."
     img = coord_image(120, 180)
-    t = MultiCropTransform(global_size=32, local_size=16, num_local=6, normalize=False, jitter_p=0, global_blur_p=0, seed=3)
+    t = MultiCropTransform(global_size=32, local_size=16, num_local=6, normalize=False, jitter_p=0, global_blur_p=0,
+                           seed=3)
     for _ in range(5):
         out = t(img)
         for grp in ('global', 'local'):
@@ -118,8 +119,11 @@ def test_determinism_under_a_seed_or_generator():
 
 
 @pytest.mark.parametrize('kw,msg', [(dict(num_local=-1), 'num_local'), (dict(global_size=0), 'global_size'),
-                                    (dict(global_scale=(0.9, 0.4)), 'min > max'), (dict(local_scale=(0, 0.4)), 'must lie in'),
-                                    (dict(flip_p=2), 'flip_p'), (dict(local_size=10, patch_size=4), 'local_size: .*divisible'),
+                                    (dict(global_scale=(0.9, 0.4)), r'global_scale = \(0.9, 0.4\) has min > max'),
+                                    (dict(local_scale=(0, 0.4)), r'local_scale = \(0, 0.4\) must lie in \(0.0, 1.0\]'),
+                                    (dict(ratio=(0, 2)), r'ratio = \(0, 2\) must lie in \(0.0, inf\)'),
+                                    (dict(flip_p=2), 'flip_p'),
+                                    (dict(local_size=10, patch_size=4), 'local_size: .*divisible'),
                                     (dict(jitter=(0.2, 1.5, 0.2)), 'jitter')])
 def test_bad_arguments_name_the_parameter(kw, msg):
     with pytest.raises((ValueError, TypeError), match=msg): MultiCropTransform(**kw)
@@ -290,3 +294,31 @@ def test_the_pitfall_warns_inside_a_worker(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error')              # a per-call generator (what MultiCropDataset passes) is fine
         MultiCropTransform(**SMALL, seed=0)(coord_image(), generator=torch.Generator().manual_seed(0))
+
+
+# the public names of hjepa.multicrop before the crop functions moved to hjepa.crops (chapter 02_crops)
+OLD_ALL = ['IMAGENET_MEAN', 'IMAGENET_STD', 'COURSE_CROPS', 'STRATEGIES', 'sample_crop_boxes', 'normalise_boxes',
+           'gaussian_blur', 'augment', 'MultiCropTransform', 'denormalize', 'show_crops', 'box_to_patch_indices',
+           'crop_patch_centers', 'to_crop_grid', 'local_positions', 'EvalTransform', 'AdaptiveMultiCropTransform',
+           'sample_seed', 'MultiCropDataset', 'MultiCropMaskGenerator', 'MultiCropCollate', 'show_batch']
+
+
+def test_every_public_name_still_imports_from_multicrop():
+    """The split into hjepa.crops + hjepa.multicrop changes no import: each old name is in multicrop's __all__, and a
+    function that moved is the very object of hjepa.crops (re-exported, not a copy)."""
+    import hjepa.crops as crops, hjepa.multicrop as mc
+    assert set(OLD_ALL) <= set(mc.__all__), sorted(set(OLD_ALL) - set(mc.__all__))
+    ns = {}
+    exec('from hjepa.multicrop import *', ns)
+    assert set(OLD_ALL) <= set(ns)
+    for name in crops.__all__: assert getattr(mc, name) is getattr(crops, name), name
+    assert set(crops.__all__) <= set(mc.__all__)
+
+
+def test_range_and_count_checks_come_from_core():
+    "multicrop's argument checks are core's: a bool or a float is not a count, and the error names the argument."
+    with pytest.raises(ValueError, match='num_local must be an integer'): MultiCropTransform(num_local=2.0)
+    with pytest.raises(ValueError, match='local_npred must be an int in'): MultiCropMaskGenerator(local_npred=0)
+    with pytest.raises(ValueError, match=r'local_pred_scale = \(0.4, 0.1\) has min > max'):
+        MultiCropMaskGenerator(local_pred_scale=(0.4, 0.1))
+    with pytest.raises(TypeError, match=r'scale must be a \(min, max\) pair'): sample_crop_boxes((8, 8), 1, scale=0.5)

@@ -33,10 +33,12 @@ def test_sidebar_lists_every_page_in_course_order():
     q = yaml.safe_load((ROOT / '_quarto.yml').read_text())
     hrefs = list(_hrefs(q['website']['sidebar']['contents']))
     pages = [site_path(p).as_posix() for p in notebooks()]
-    assert sorted(hrefs) == sorted(pages), f"sidebar and notebooks differ: missing {set(pages) - set(hrefs)}, extra {set(hrefs) - set(pages)}"
+    assert sorted(hrefs) == sorted(pages), \
+        f"sidebar and notebooks differ: missing {set(pages) - set(hrefs)}, extra {set(hrefs) - set(pages)}"
     chapters = [h for h in hrefs if '/' not in h and h != 'index.ipynb']
     order = {site_path(p).as_posix(): p.name for p in notebooks()}
-    assert [order[h] for h in chapters] == sorted(order[h] for h in chapters), "chapters are not in course order on the sidebar"
+    assert [order[h] for h in chapters] == sorted(order[h] for h in chapters), \
+        "chapters are not in course order on the sidebar"
 
 
 def _source_nb(py: Path) -> str:
@@ -100,7 +102,35 @@ def test_order_check_catches_a_planted_backward_import(tmp_path):
     lib = tmp_path / 'hjepa'
     shutil.copytree(ROOT / 'hjepa', lib, ignore=shutil.ignore_patterns('__pycache__'))
     assert backward_imports(lib) == []
-    (lib / 'data.py').write_text((lib / 'data.py').read_text() + '\ndef _late():\n    from .trainer import Trainer\n    return Trainer\n')
+    late = '\ndef _late():\n    from .trainer import Trainer\n    return Trainer\n'
+    (lib / 'data.py').write_text((lib / 'data.py').read_text() + late)
     assert backward_imports(lib) == ['hjepa.data (nbs/00_data) imports hjepa.trainer, taught later (nbs/09_trainer)']
     (lib / 'masking.py').write_text((lib / 'masking.py').read_text() + '\nimport hjepa.eval\n')
     assert any(b.startswith('hjepa.masking (nbs/01_masking) imports hjepa.eval') for b in backward_imports(lib))
+
+
+def _drawn_layers() -> list[list[str]]:
+    "The library's layers as drawn in nbs/index.ipynb (bottom layer first), read from the left box of the drawing."
+    import json
+    nb = json.loads((ROOT / 'nbs' / 'index.ipynb').read_text())
+    md = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    block = md.split('## How the library is layered', 1)[1].split('```text', 1)[1].split('```', 1)[0]
+    rows = [ln.split('│')[1].strip() for ln in block.splitlines() if ln.strip().startswith('│')]
+    return [r.split(' · ') for r in reversed(rows) if r]
+
+
+def test_drawn_layers_match_the_package():
+    layers = _drawn_layers()
+    drawn = [m for layer in layers for m in layer]
+    lib = ROOT / 'hjepa'
+    modules = sorted(p.stem for p in lib.glob('*.py') if not p.stem.startswith('_'))
+    assert sorted(drawn) == modules, \
+        f"the drawing and hjepa/ differ: missing {set(modules) - set(drawn)}, extra {set(drawn) - set(modules)}"
+    level = {m: i for i, layer in enumerate(layers) for m in layer}
+    for m in modules:
+        for t in set(_imports(lib / f'{m}.py', f'hjepa.{m}')):
+            dep = t.split('.')[1] if t.startswith('hjepa.') and t.count('.') >= 1 else None
+            if dep in level and dep != m:
+                layer = ' · '.join(layers[level[m]])
+                assert level[dep] <= level[m], f"hjepa.{m} (layer '{layer}') imports hjepa.{dep}, drawn above it"
+    assert (lib / 'labs' / '__init__.py').exists() and (lib / 'labs' / 'checks').is_dir()

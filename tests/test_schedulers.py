@@ -46,7 +46,8 @@ def test_restarts_peaks_and_bounds(cycle, mult, decay, W, final):
     for k in range(4):
         s += max(1, round(cycle * mult ** k)); starts.append(s)
     for k, s0 in enumerate(starts):
-        assert math.isclose(cosine_restarts(s0, cycle, base, final, W, mult, decay), final + (base - final) * decay ** k, rel_tol=1e-9)
+        assert math.isclose(cosine_restarts(s0, cycle, base, final, W, mult, decay),
+                            final + (base - final) * decay ** k, rel_tol=1e-9)
     v = [cosine_restarts(t, cycle, base, final, W, mult, decay) for t in range(W, starts[-1])]
     assert all(final - 1e-12 <= x <= base + 1e-12 for x in v)
 
@@ -118,3 +119,11 @@ def test_schedules_pickle():
               Schedule('restarts', cycle_steps=7, base=1.0, cycle_mult=2)):
         s2 = pickle.loads(pickle.dumps(s))
         assert [s2(t) for t in range(0, 120, 7)] == [s(t) for t in range(0, 120, 7)]
+
+
+@pytest.mark.parametrize('L', [1, 2, 3, 4, 5, 6])
+def test_level_weight_schedule_defaults_are_the_models(L):
+    "Default final weights come from hjepa.model.default_level_weights: one place, so schedule and model agree."
+    from hjepa.model import default_level_weights
+    assert LevelWeightSchedule(L, 50).final_weights == default_level_weights(L)
+    with pytest.raises(ValueError, match='num_levels must be an int'): LevelWeightSchedule(0, 50)

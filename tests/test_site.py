@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / '_docs'
 SCREENS = ROOT / '_build' / 'screens'
-pytestmark = pytest.mark.skipif(os.environ.get('HJEPA_SITE_TEST') != '1', reason='set HJEPA_SITE_TEST=1 after building the site')
+pytestmark = pytest.mark.skipif(os.environ.get('HJEPA_SITE_TEST') != '1',
+                                reason='set HJEPA_SITE_TEST=1 after building the site')
 CHROME_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
@@ -70,7 +71,8 @@ def test_home_chapter_and_lab(site, page):
     main = page.inner_text('main')
     for want in ('Learning objectives', 'load_dataset', 'stratified_split', 'Key insights'):
         assert want in main, f"chapter page lacks {want!r}"
-    assert page.locator('main img').count() >= 2, "the chapter's plots are missing (was it rendered from executed notebooks?)"
+    assert page.locator('main img').count() >= 2, \
+        "the chapter's plots are missing (was it rendered from executed notebooks?)"
     page.screenshot(path=str(SCREENS / 'chapter.png'))
 
     # and on to its lab: solutions are folded until the reader opens them

@@ -10,7 +10,7 @@ from hjepa.data import build_loader, load_dataset
 from hjepa.masking import HierarchicalMaskGenerator, MaskCollator, preset_8x8
 from hjepa.model import HJEPA
 from hjepa.checkpoint import load_checkpoint
-from hjepa.trainer import Callback, Trainer, jepa_forward, param_groups
+from hjepa.trainer import Callback, Trainer, jepa_forward, param_groups, total_steps
 
 torch.set_num_threads(1)
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, pred_dim=32, pred_depth=1, pred_heads=2)
@@ -33,23 +33,25 @@ class Record(Callback):
     def __init__(self): self.seen = []
     def after_step(self, trainer, metrics):
         x, _, mc, mt = trainer.batch
-        self.seen.append((metrics['loss'], x.clone(), mc.clone(), [m.clone() for m in mt]))
+        self.seen.append((float(metrics['loss']), x.clone(), mc.clone(), [m.clone() for m in mt]))
 
 
 def same_batches(a, b):
     assert len(a) == len(b)
     for (la, xa, ca, ta), (lb, xb, cb, tb) in zip(a, b):
-        assert la == lb and torch.equal(xa, xb) and torch.equal(ca, cb) and all(torch.equal(p, q) for p, q in zip(ta, tb))
+        assert la == lb and torch.equal(xa, xb) and torch.equal(ca, cb)
+        assert all(torch.equal(p, q) for p, q in zip(ta, tb))
 
 
 def test_resume_is_bit_exact(tmp_path):
     "N steps straight == N/2 steps, new Trainer, resume, N/2 steps: parameters, EMA target, optimiser, next batches."
     N, kw = 10, dict(total_steps=10, log_every=100, amp='bf16', val_every=3)   # 6 batches per epoch: crosses an epoch
+    def fresh(): return dict(val_loader=loader(seed=5), val_batches=1, **kw)   # every trainer its own val loader
     straight, split = Record(), Record()
-    a = Trainer(tiny_model(), loader(), max_steps=N, out_dir=tmp_path / 'a', callbacks=[straight], val_loader=loader(seed=5), val_batches=1, **kw)
+    a = Trainer(tiny_model(), loader(), max_steps=N, out_dir=tmp_path / 'a', callbacks=[straight], **fresh())
     a.fit()
-    Trainer(tiny_model(), loader(), max_steps=N // 2, out_dir=tmp_path / 'b', callbacks=[split], val_loader=loader(seed=5), val_batches=1, **kw).fit()
-    b = Trainer(tiny_model(seed=7), loader(), max_steps=N, out_dir=tmp_path / 'b', callbacks=[split], val_loader=loader(seed=5), val_batches=1, **kw)
+    Trainer(tiny_model(), loader(), max_steps=N // 2, out_dir=tmp_path / 'b', callbacks=[split], **fresh()).fit()
+    b = Trainer(tiny_model(seed=7), loader(), max_steps=N, out_dir=tmp_path / 'b', callbacks=[split], **fresh())
     assert b.resume() == N // 2
     b.fit()
     same_batches(straight.seen, split.seen)
@@ -67,7 +69,8 @@ def test_validation_does_not_change_training():
     "Validation is RNG-neutral: a run with validation ends with exactly the weights of one without."
     runs = []
     for val in (None, 2):
-        tr = Trainer(tiny_model(), loader(), max_steps=5, val_loader=loader(seed=3), val_every=val, val_batches=1, log_every=100, amp='off')
+        tr = Trainer(tiny_model(), loader(), max_steps=5, val_loader=loader(seed=3), val_every=val, val_batches=1,
+                     log_every=100, amp='off')
         tr.fit(); runs.append(tr.module.state_dict())
     for k in runs[0]: assert torch.equal(runs[0][k], runs[1][k]), k
 
@@ -77,7 +80,8 @@ def test_nan_is_skipped_counted_and_stops_with_a_checkpoint(tmp_path):
     def poisoned(trainer, batch):
         loss, parts, feats = jepa_forward(trainer, batch)
         return (loss * float('nan') if trainer.step in bad_steps else loss), parts, feats
-    tr = Trainer(tiny_model(), loader(), max_steps=40, forward_fn=poisoned, max_bad_steps=3, out_dir=tmp_path, log_every=100)
+    tr = Trainer(tiny_model(), loader(), max_steps=40, forward_fn=poisoned, max_bad_steps=3, out_dir=tmp_path,
+                 log_every=100)
     with pytest.warns(RuntimeWarning, match='last_good'):
         s = tr.fit()
     assert s['nan_skipped'] == 4 and s['steps'] == 7                       # step 2 skipped alone, 4-6 in a row -> stop
@@ -107,7 +111,8 @@ SCRIPT = textwrap.dedent('''
     class Ready(Callback):
         def after_step(self, trainer, metrics):
             if trainer.step == 3: open({ready!r}, 'w').write('go')
-    tr = Trainer(tiny_model(), loader(), max_steps=100000, total_steps=50, out_dir={out!r}, callbacks=[Ready()], log_every=1000)
+    tr = Trainer(tiny_model(), loader(), max_steps=100000, total_steps=50, out_dir={out!r}, callbacks=[Ready()],
+                 log_every=1000)
     s = tr.fit()
     print('STOP', s['stop_reason'], flush=True)
 ''')
@@ -157,18 +162,92 @@ def test_bf16_step_loss_close_to_fp32():
 def test_accumulation_of_two_halves_equals_one_big_batch():
     "accum_steps=2 on batches of B == one step on the same 2B images and masks (SGD, no clipping, fp32)."
     big = list(loader(batch_size=32, n=96))                                # 3 batches of 32
-    halves = [tuple(t[s] if torch.is_tensor(t) else [m[s] for m in t] for t in b) for b in big for s in (slice(0, 16), slice(16, 32))]
+    halves = [tuple(t[s] if torch.is_tensor(t) else [m[s] for m in t] for t in b)
+              for b in big for s in (slice(0, 16), slice(16, 32))]
     params = {}
     for name, data, A in (('big', big, 1), ('acc', halves, 2)):
         model = tiny_model()
         opt = torch.optim.SGD(param_groups(model, 0.0), lr=0.5)
-        Trainer(model, data, optimizer=opt, epochs=1, accum_steps=A, lr=0.5, weight_decay=0.0, clip_grad=None,
-                amp='off', log_every=100).fit()
+        Trainer(model, data, optimizer=opt, epochs=1, accum_steps=A, lr=0.5, weight_decay=0.0, weight_decay_end=None,
+                clip_grad=None, amp='off', log_every=100).fit()
         params[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     start = torch.cat([p.detach().flatten() for p in tiny_model().parameters()])
     moved = (params['big'] - start).norm()
     assert moved > 1e-3
     assert (params['acc'] - params['big']).norm() < 1e-4 * moved.clamp_min(1), (params['acc'] - params['big']).norm()
+
+
+class DeviceReads:
+    "Count the calls that make the CPU wait for a tensor's value (item, tolist, bool, float) inside the block."
+    NAMES = ('item', 'tolist', '__bool__', '__float__')
+    def __enter__(self):
+        self.n, self._orig = 0, {k: getattr(torch.Tensor, k) for k in self.NAMES}
+        for k, f in self._orig.items(): setattr(torch.Tensor, k, self._counted(f))
+        return self
+    def _counted(self, f):
+        def g(t, *a, **kw): self.n += 1; return f(t, *a, **kw)
+        return g
+    def __exit__(self, *exc):
+        for k, f in self._orig.items(): setattr(torch.Tensor, k, f)
+
+
+def lin_forward(trainer, batch):
+    "A forward with no device reads of its own: the reads counted below are the trainer's (and AdamW's)."
+    out = trainer.model(batch[0])
+    loss = out.pow(2).mean()
+    return loss, {'loss': loss.detach(), 'a': 2 * loss.detach(), 'b': 3 * loss.detach()}, out
+
+
+def lin_trainer(A=1, **kw):
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 8),) for _ in range(64)]
+    return Trainer(torch.nn.Linear(8, 8), data, max_steps=8, accum_steps=A, amp='off', collapse_every=100,
+                   forward_fn=lin_forward, **kw)
+
+
+def test_step_reads_the_device_a_fixed_number_of_times_whatever_accum_steps():
+    "Loss parts are summed as tensors: 1 or 4 micro-batches cost the same reads (the NaN vote, the grad-norm check)."
+    reads = {}
+    for A in (1, 4):
+        tr = lin_trainer(A)
+        tr.train_step()                                                     # warm-up (lazy optimiser state)
+        with DeviceReads() as r: m = tr.train_step()
+        reads[A] = r.n
+        assert all(torch.is_tensor(m[k]) for k in ('loss', 'a', 'b', 'grad_norm'))
+    assert reads[1] == reads[4], reads
+    assert reads[1] <= 2 + 4, reads                                         # vote + grad check + AdamW's step counters
+
+
+def test_a_logged_step_reads_its_metrics_at_once():
+    "fit turns a logged step's tensors into floats in one read, not one per metric."
+    class Count(Callback):
+        def __init__(self): self.reads = []
+        def before_step(self, trainer): self.r = DeviceReads().__enter__()
+        def after_step(self, trainer, metrics): self.r.__exit__(); self.reads.append(self.r.n)
+    c = Count()
+    lin_trainer(log_every=2, callbacks=[c]).fit()
+    assert c.reads[1] - c.reads[2] == 1 and c.reads[3] - c.reads[2] == 1, c.reads   # steps 2, 4 logged; 3 not
+
+
+def test_numbers_become_the_configured_schedules():
+    "lr -> warm-up + cosine to min_lr, weight_decay -> cosine to weight_decay_end (None: constant), momentum likewise."
+    tr = Trainer(tiny_model(), loader(), max_steps=50, lr=2e-3, min_lr=1e-5, warmup_frac=0.2, weight_decay=0.05,
+                 weight_decay_end=0.5, momentum=0.9, momentum_end=None)
+    assert [tr.lr(0), tr.lr(10), tr.lr(50)] == [0.0, 2e-3, 1e-5]
+    assert abs(tr.wd(0) - 0.05) < 1e-12 and abs(tr.wd(50) - 0.5) < 1e-12 and tr.momentum(0) == tr.momentum(50) == 0.9
+    assert tr.optimizer.param_groups[0]['weight_decay'] == 0.05
+    with pytest.raises(ValueError, match='min_lr=0.01 is above lr=0.001'):
+        Trainer(tiny_model(), loader(), max_steps=5, lr=1e-3, min_lr=1e-2)
+    with pytest.raises(TypeError, match='weight_decay must be a number or a function'):
+        Trainer(tiny_model(), loader(), max_steps=5, weight_decay='0.1')
+
+
+def test_total_steps_is_the_one_formula():
+    assert total_steps(7, 3, 10) == 7 and total_steps(None, 3, 10, accum_steps=4) == 7
+    assert total_steps(None, 1, 2, 4) == 1
+    tr = Trainer(tiny_model(), loader(), epochs=3, accum_steps=2)          # 6 batches per epoch
+    assert tr.total_steps == total_steps(None, 3, len(loader()), 2) == 9
+    with pytest.raises(ValueError, match='max_steps= or epochs='): total_steps(None, None, 10)
 
 
 def test_param_groups_exclude_biases_norms_embeddings_from_weight_decay():
@@ -188,5 +267,28 @@ def test_param_groups_exclude_biases_norms_embeddings_from_weight_decay():
 def test_bad_settings_are_rejected_with_the_parameter_name():
     with pytest.raises(ValueError, match='max_steps= or epochs='): Trainer(tiny_model(), loader())
     with pytest.raises(ValueError, match='accum_steps'): Trainer(tiny_model(), loader(), max_steps=2, accum_steps=0)
-    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA"): Trainer(tiny_model(), loader(), max_steps=2, amp='fp16')
+    for bad, msg in ((dict(amp='fp16'), "amp='fp16' needs a CUDA"), (dict(val_every=0), 'val_every must be an int in'),
+                     (dict(log_every=None), 'log_every must be an integer')):
+        with pytest.raises(ValueError, match=msg): Trainer(tiny_model(), loader(), max_steps=2, **bad)
     with pytest.raises(ValueError, match='out_dir'): Trainer(tiny_model(), loader(), max_steps=2).resume()
+
+
+# hjepa.trainer's public names before the parts of the loop moved to hjepa.loop (chapter 09_loop)
+TRAINER_NAMES = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback',
+                 'EarlyStopping', 'batch_size_of', 'jepa_forward', 'total_steps', 'Trainer']
+
+
+def test_every_public_name_still_imports_from_hjepa_trainer():
+    import importlib
+    trainer, loop = importlib.import_module('hjepa.trainer'), importlib.import_module('hjepa.loop')
+    from_core = ['seed_everything', 'to_device', 'is_main_process']     # hjepa.core's, imported by the trainer
+    missing = [n for n in TRAINER_NAMES + from_core if not hasattr(trainer, n)]
+    assert not missing, f"no longer importable from hjepa.trainer: {missing}"
+    assert set(TRAINER_NAMES) <= set(trainer.__all__), "`from hjepa.trainer import *` must still give every name"
+    moved = [n for n in TRAINER_NAMES if n != 'Trainer']
+    assert set(moved) <= set(loop.__all__)
+    copies = [n for n in moved if getattr(trainer, n) is not getattr(loop, n)]
+    assert not copies, f"hjepa.trainer must re-export hjepa.loop's objects, not define its own: {copies}"
+    ns = {}
+    exec('from hjepa.trainer import *', ns)
+    assert set(TRAINER_NAMES) <= set(ns)

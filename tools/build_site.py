@@ -61,7 +61,6 @@ def rewrite_links(text: str, src: Path, dst: Path | None, mapping: dict) -> str:
 
 def execute(rel: Path) -> dict:
     "Execute a notebook as nbdev_test does (same skip flags, cwd = its folder) and return it with outputs."
-    from execnb.nbio import read_nb, dict2nb
     from execnb.shell import CaptureShell
     nb = json.loads((ROOT / rel).read_text(encoding='utf-8'))
     flags = set(CFG.get('tst_flags', '').split())
@@ -112,14 +111,17 @@ def process():
     os.chdir(ROOT)
     if PROC.exists(): shutil.rmtree(PROC)
     proc_nbs(str(BUILD), force=True)
-    for p in PROC.rglob('*.ipynb'):   # pages are already named as nbdev names them; smalldocs ignores output-file
+    # pages are already named as nbdev names them; smalldocs ignores output-file
+    for p in PROC.rglob('*.ipynb'):
         nb = json.loads(p.read_text(encoding='utf-8'))
         for c in nb['cells']:
             if c['cell_type'] == 'raw':
-                c['source'] = ''.join(l for l in ''.join(c['source']).splitlines(True) if not l.startswith('output-file:'))
+                lines = ''.join(c['source']).splitlines(True)
+                c['source'] = ''.join(ln for ln in lines if not ln.startswith('output-file:'))
         p.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding='utf-8')
     n = len(list(PROC.rglob('*.ipynb')))
-    if n != len(list(BUILD.rglob('*.ipynb'))): raise RuntimeError(f"nbdev processed {n} notebooks of {len(list(BUILD.rglob('*.ipynb')))}")
+    total = len(list(BUILD.rglob('*.ipynb')))
+    if n != total: raise RuntimeError(f"nbdev processed {n} notebooks of {total}")
 
 
 def render(quarto: bool = False):
@@ -141,7 +143,8 @@ def readme() -> str:
     "README.md, generated from nbs/index.ipynb (its markdown, links made relative to the repository root)."
     rel = Path('nbs/index.ipynb')
     nb = json.loads((ROOT / rel).read_text(encoding='utf-8'))
-    out = ["<!-- Generated from nbs/index.ipynb by `python tools/build_site.py --readme`: edit the notebook, not this file. -->\n"]
+    out = ["<!-- Generated from nbs/index.ipynb by `python tools/build_site.py --readme`: "
+           "edit the notebook, not this file. -->\n"]
     for c in nb['cells']:
         src = ''.join(c['source']).strip()
         if c['cell_type'] == 'markdown': out.append(rewrite_links(src, rel, None, {}))

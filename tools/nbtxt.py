@@ -1,7 +1,7 @@
 """Edit notebooks as plain text: a notebook <-> a percent-format text file that keeps every cell's id.
 
     python tools/nbtxt.py out nbs/06_schedulers.ipynb [more.ipynb ...]   # -> _nbtxt/nbs/06_schedulers.txt
-    python tools/nbtxt.py in  _nbtxt/nbs/06_schedulers.txt [more.txt ...] # -> nbs/06_schedulers.ipynb (clean, no outputs)
+    python tools/nbtxt.py in  _nbtxt/nbs/06_schedulers.txt [more.txt ...] # -> nbs/06_schedulers.ipynb (clean)
 
 A cell starts with a line `# %% [code] <id>` or `# %% [markdown] <id>`; write `new` (or nothing) as the id of a
 cell you add and it gets a fresh one. Outputs are dropped (notebooks are committed clean). `_nbtxt/` is ignored by git.
@@ -28,8 +28,8 @@ def from_text(text: str, meta: dict | None = None) -> dict:
     for line in text.splitlines(keepends=True):
         m = HEAD.match(line)
         if m:
-            cur = {'cell_type': m.group(1), 'id': m.group(2) if m.group(2) not in (None, 'new') else secrets.token_hex(4),
-                   'lines': []}
+            cid = m.group(2) if m.group(2) not in (None, 'new') else secrets.token_hex(4)
+            cur = {'cell_type': m.group(1), 'id': cid, 'lines': []}
             cells.append(cur)
         elif cur is not None: cur['lines'].append(line)
     out = []
@@ -42,8 +42,8 @@ def from_text(text: str, meta: dict | None = None) -> dict:
     ids = [c['id'] for c in out]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup: raise SystemExit(f"duplicate cell ids {sorted(dup)}: give copied cells the id `new`")
-    return {'cells': out, 'metadata': meta or {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
-            'nbformat': 4, 'nbformat_minor': 5}
+    kernel = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
+    return {'cells': out, 'metadata': meta or kernel, 'nbformat': 4, 'nbformat_minor': 5}
 
 
 def txt_path(nb: Path) -> Path: return TXT / nb.resolve().relative_to(ROOT).with_suffix('.txt')
@@ -60,7 +60,8 @@ def main(argv):
             nb = nb_path(f)
             meta = json.loads(nb.read_text())['metadata'] if nb.exists() else None
             nb.parent.mkdir(parents=True, exist_ok=True)
-            nb.write_text(json.dumps(from_text(f.read_text(), meta), indent=1, ensure_ascii=False) + '\n'); print(nb)
+            text = json.dumps(from_text(f.read_text(), meta), indent=1, ensure_ascii=False, sort_keys=True)
+            nb.write_text(text + '\n'); print(nb)
     return 0
 
 

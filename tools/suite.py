@@ -1,13 +1,15 @@
 """Everything CI checks, in order. Run from anywhere: `python tools/suite.py` (exit code 0 = all green).
 
+ 0. lint                  `ruff check .` (config: .ruff.toml): syntax, pyflakes, lines <= 120, loop-closure bugs
  1. notebooks clean       every notebook in nbs/ and lessons/ is what `nbdev_clean` would leave
  2. library in sync       `nbdev_export` (in a scratch copy) reproduces hjepa/ exactly
  3. pytest                tests/ and every notebook in nbs/ and lessons/ (via nbdev's test_nb)
  4. student labs          generated student notebooks fail their checkers; checkers reject wrong answers
- 5. site                  assembled, processed by nbdev, `smalldocs check` (no broken links) and rendered
+ 5. site                  assembled, processed by nbdev, `smalldocs check` (no broken links) and rendered;
+                          chapter pages link library names to the library, never to a checker (test_site_links)
  6. browser               headless Chromium follows the rendered site's sidebar to a chapter and a lab
 
-Steps 1-2 never modify your files. Options: --skip-browser, --only N[,N...].
+Steps 0-2 never modify your files. Options: --skip-browser, --only N[,N...].
 """
 from __future__ import annotations
 import argparse, filecmp, os, shutil, subprocess, sys, tempfile, time
@@ -26,10 +28,12 @@ def sh(*cmd, **kw) -> int:
 def notebooks_clean() -> bool:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        for sub in ('nbs', 'lessons'): shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+        for sub in ('nbs', 'lessons'):
+            shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
         for sub in ('nbs', 'lessons'):
             if sh(BIN / 'nbdev_clean', '--fname', d / sub): return False
-        dirty = [p.relative_to(d) for p in d.rglob('*.ipynb') if not filecmp.cmp(p, ROOT / p.relative_to(d), shallow=False)]
+        dirty = [p.relative_to(d) for p in d.rglob('*.ipynb')
+                 if not filecmp.cmp(p, ROOT / p.relative_to(d), shallow=False)]
     for p in dirty: print(f"  not clean: {p}")
     if dirty: print("  fix: run `nbdev_clean && nbdev_clean --fname lessons` and commit the notebooks")
     return not dirty
@@ -58,7 +62,8 @@ def notebook_times():
         w = json.loads(f.read_text()).get('metadata', {}).get('hjepa_wall_s')
         if w is not None: t[str(f.relative_to(ROOT / '_exec'))] = w
     if not t: return
-    print(f"\n=== notebook wall times (target: under 60 s each; measured {'with ' + str(WORKERS) + ' notebooks at a time, ' if WORKERS > 1 else ''}one torch thread each)")
+    at_once = f"with {WORKERS} notebooks at a time, " if WORKERS > 1 else ''
+    print(f"\n=== notebook wall times (target: under 60 s each; measured {at_once}one torch thread each)")
     for k, v in sorted(t.items(), key=lambda kv: -kv[1]):
         print(f"  {v:6.1f}s  {k}" + ("   <-- over a minute" if v > 60 else ''))
     try: print(f"  (load average during the run: {os.getloadavg()[0]:.1f})")
@@ -90,12 +95,25 @@ def ensure_chromium() -> bool:
     return False
 
 
+LATER_TESTS = ('test_labs', 'test_site', 'test_site_links')   # run by their own steps below
+
+def lint() -> bool:
+    "ruff over the notebooks (code cells), the tests, the tools and the benchmarks, with the project's .ruff.toml."
+    ruff = BIN / 'ruff'
+    if not ruff.exists(): print("  ruff is missing: `pip install -e '.[dev]'` installs it"); return False
+    ok = sh(ruff, 'check', '.') == 0
+    if not ok: print("  fix the lines above in the notebooks (never in hjepa/*.py), then `nbdev_export`")
+    return ok
+
+
 STEPS = [
+    ('lint (ruff)', lint),
     ('notebooks clean', notebooks_clean),
     ('library in sync', library_in_sync),
-    ('pytest: tests/ and every notebook', lambda: pytest('tests', '--ignore=tests/test_labs.py', '--ignore=tests/test_site.py')),
+    ('pytest: tests/ and every notebook', lambda: pytest('tests', *(f'--ignore=tests/{t}.py' for t in LATER_TESTS))),
     ('student labs fail their checkers', lambda: pytest('tests/test_labs.py')),
-    ('site rendered, no broken links', lambda: sh(PY, ROOT / 'tools' / 'build_site.py') == 0),
+    ('site rendered, no broken links', lambda: sh(PY, ROOT / 'tools' / 'build_site.py') == 0
+                                               and pytest('tests/test_site_links.py', parallel=False)),
     ('browser test of the site', lambda: ensure_chromium() and pytest('tests/test_site.py', parallel=False)),
 ]
 
@@ -108,7 +126,7 @@ def main(argv=None) -> int:
     only = {int(s) for s in a.only.split(',') if s}
     os.environ.update(WANDB_MODE='offline', MPLBACKEND='Agg', HJEPA_SITE_TEST='1')
     results, t_all = [], time.time()
-    for i, (name, step) in enumerate(STEPS, 1):
+    for i, (name, step) in enumerate(STEPS):
         if (only and i not in only) or (a.skip_browser and i == 6): continue
         if i == 6 and any(n == 5 and not ok for n, _, ok, _ in results):
             results.append((i, name, False, 0.0)); print("skipping the browser test: the site did not build"); continue
