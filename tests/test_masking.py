@@ -386,3 +386,27 @@ def test_level_to_patches_stays_on_the_indices_device():
     "The model calls level_to_patches on GPU indices: offsets must be built on idx's device (meta stands in for cuda)."
     out = level_to_patches(torch.tensor([[5]], device='meta'), (8, 8), 1)
     assert out.device.type == 'meta' and out.shape == (1, 4)
+
+
+
+# hjepa.masking.__all__ before chapter 01_blocks took the block geometry out of it, and the names that moved
+OLD_MASKING_ALL = ['block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches',
+                   'HierarchicalMaskGenerator', 'MultiBlockMaskGenerator', 'preset_8x8', 'MaskCollator', 'show_masks',
+                   'mask_explorer']
+MOVED_TO_BLOCKS = ['block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches']
+
+
+def test_every_old_name_still_imports_from_masking():
+    "Every name hjepa.masking exported before the split still imports from it; a moved name is blocks' own object."
+    import hjepa.blocks as blocks, hjepa.masking as masking
+    assert sorted(blocks.__all__) == sorted(MOVED_TO_BLOCKS), f"hjepa.blocks exports {blocks.__all__}"
+    for name in OLD_MASKING_ALL:
+        assert name in masking.__all__, f"{name} fell out of hjepa.masking.__all__"
+        ns = {}
+        exec(f"from hjepa.masking import {name}", ns)
+        assert ns[name] is getattr(masking, name)
+        if name in MOVED_TO_BLOCKS:
+            assert ns[name] is getattr(blocks, name), f"hjepa.masking.{name} is a copy, not hjepa.blocks.{name}"
+            assert ns[name].__module__ == 'hjepa.blocks'
+        else: assert not hasattr(blocks, name), f"{name} belongs to hjepa.masking, found in hjepa.blocks"
+    assert masking._box_sums is blocks._box_sums                          # the generators use blocks' box sums
