@@ -180,6 +180,8 @@ class LossConfig:
     type: str = opt('smooth_l1', 'regression loss between predictions and targets', choices=('smooth_l1', 'mse'))
     vicreg_coeff: float = opt(0.1, 'weight of VICReg variance+covariance on the mean context token (0: off; it stops '
                               'the collapse to a position code on MNIST)', min=0.0)
+    sigreg_coeff: float = opt(0.0, "weight of SIGReg, LeJEPA's isotropic-Gaussian test (chapter 05), on the same "
+                              'features as VICReg (0: off); an alternative anti-collapse term to VICReg', min=0.0)
 
 @dataclass
 class OptimConfig:

@@ -59,8 +59,10 @@ def build_model(cfg: Config) -> HJEPA:
                              img_size=cfg.data.image_size, patch_size=m.patch_size, in_chans=cfg.data.channels, **kw)
 
 def build_loss(cfg: Config) -> CombinedLoss:
-    "The objective of `cfg.loss`: the JEPA regression loss plus VICReg on the mean context token."
-    return CombinedLoss(JEPALoss(cfg.loss.type), vicreg_coeff=cfg.loss.vicreg_coeff)
+    "The objective of `cfg.loss`: the JEPA regression loss plus VICReg and/or SIGReg on the mean context token."
+    # SIGReg draws its directions from torch's global RNG, which every checkpoint saves: resume stays exact
+    return CombinedLoss(JEPALoss(cfg.loss.type), vicreg_coeff=cfg.loss.vicreg_coeff,
+                        sigreg_coeff=cfg.loss.sigreg_coeff)
 
 def resolve_device(name: str) -> torch.device:
     "`auto` → cuda if available, else cpu; anything else must be a torch device name."
