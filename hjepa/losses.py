@@ -139,13 +139,15 @@ def trapezoid_weights(num_points: int = 17, t_max: float = 5.0) -> tuple[torch.T
     h[0] = h[-1] = h[0] / 2
     return t.float(), (h * torch.exp(-t**2 / 2)).float()
 
-def epps_pulley(u: torch.Tensor, num_points: int = 17, t_max: float = 5.0) -> torch.Tensor:
+def epps_pulley(u: torch.Tensor, num_points: int = 17, t_max: float = 5.0, sum_fn=None) -> torch.Tensor:
     "Epps–Pulley statistic of 1-D samples `u` [..., N, M] (N samples of M projections) vs N(0, 1): returns [..., M]."
     t, w = (x.to(u.device) for x in trapezoid_weights(num_points, t_max))
     x = u.unsqueeze(-1) * t                                        # [..., N, M, P]
-    cos_mean, sin_mean = x.cos().mean(-3), x.sin().mean(-3)       # [..., M, P]: the ECF's real and imaginary parts
-    err = (cos_mean - torch.exp(-t**2 / 2)).square() + sin_mean.square()
-    return u.shape[-2] * (err * w).sum(-1)
+    sums = torch.stack([x.cos().sum(-3), x.sin().sum(-3)])        # [2, ..., M, P]: the ECF's real and imaginary sums
+    n = u.new_tensor(float(u.shape[-2]))
+    if sum_fn is not None: sums, n = sum_fn(sums), sum_fn(n)       # DDP: sums over every process's samples
+    err = (sums[0] / n - torch.exp(-t**2 / 2)).square() + (sums[1] / n).square()
+    return n * (err * w).sum(-1)
 
 # %% ../nbs/05_losses.ipynb #08867c8c
 class SIGRegLoss(nn.Module):
@@ -172,14 +174,9 @@ class SIGRegLoss(nn.Module):
                              f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
         with torch.autocast(device_type=z.device.type, enabled=False):
             u = z.float() @ self.directions(z.shape[-1], z.device, generator)      # [..., N, M]
-            if not is_dist(): return epps_pulley(u, self.num_points, self.t_max).mean()
-            from torch.distributed.nn.functional import all_reduce
-            t, w = (x.to(u.device) for x in trapezoid_weights(self.num_points, self.t_max))
-            x = u.unsqueeze(-1) * t
-            sums = all_reduce(torch.stack([x.cos().sum(-3), x.sin().sum(-3)]))   # [2, ..., M, P], global sums
-            n = all_reduce(u.new_tensor(float(u.shape[-2])))
-            err = (sums[0] / n - torch.exp(-t**2 / 2)).square() + (sums[1] / n).square()
-            return (n * (err * w).sum(-1)).mean()
+            sum_fn = None
+            if is_dist(): from torch.distributed.nn.functional import all_reduce as sum_fn   # autograd-aware sum
+            return epps_pulley(u, self.num_points, self.t_max, sum_fn).mean()
 
 # %% ../nbs/05_losses.ipynb #264be541
 class CombinedLoss(nn.Module):
