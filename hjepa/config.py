@@ -11,9 +11,10 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'PRESET_NAMES', 'ConfigError', 'opt', 'from_dict', 'to_dict', 'apply_override', 'DataConfig',
-           'MaskConfig', 'ModelConfig', 'LossConfig', 'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig',
-           'LogConfig', 'Config', 'validate', 'load_config', 'save_config', 'config_help']
+__all__ = ['DATASET_NAMES', 'PRESET_NAMES', 'METHOD_NAMES', 'STRATEGY_NAMES', 'ConfigError', 'opt', 'from_dict', 'to_dict',
+           'apply_override', 'MultiCropConfig', 'DataConfig', 'MaskConfig', 'ModelConfig', 'MethodConfig', 'LossConfig',
+           'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig', 'LogConfig', 'Config', 'validate', 'load_config',
+           'save_config', 'config_help']
 
 # %% ../nbs/12_config.ipynb #c79b7e21
 class ConfigError(ValueError):
@@ -132,6 +133,36 @@ def apply_override(d: dict, assignment: str, cls) -> dict:
 # the names of hjepa.data.DATASETS and hjepa.encoders.PRESETS, as plain tuples (a test keeps them equal)
 DATASET_NAMES = ('mnist5k', 'digits', 'photos', 'synthetic', 'cifar10', 'cifar100', 'stl10', 'imagefolder')
 PRESET_NAMES = ('nano', 'tiny', 'small', 'base')
+# ... and of hjepa.methods.METHODS and hjepa.multicrop.STRATEGIES (chapters 13 and 02)
+METHOD_NAMES = ('ijepa', 'hjepa', 'dino', 'simclr', 'vicreg', 'sigreg')
+STRATEGY_NAMES = ('global_only', 'global_with_local_context', 'cross_crop_prediction')
+
+@dataclass
+class MultiCropConfig:
+    "Global and local crops of each image (chapter 02): the views of the view methods, and of JEPAs with a strategy."
+    strategy: str | None = opt(None, 'I-JEPA/H-JEPA only: train on crops with this crop-masking strategy (global_only, '
+                               'global_with_local_context, cross_crop_prediction); null: masked whole images',
+                               choices=STRATEGY_NAMES)
+    num_global: int = opt(2, 'global crops per image (the two views of SimCLR/VICReg)', min=1)
+    num_local: int = opt(4, 'local crops per image (0: none; SimCLR and VICReg use only the global ones)', min=0)
+    global_size: int | None = opt(None, 'side of a global crop in pixels (null: data.image_size)', min=8)
+    local_size: int = opt(16, 'side of a local crop in pixels (a multiple of model.patch_size)', min=1)
+    global_scale: tuple[float, float] = opt((0.4, 1.0), 'area range of a global crop, as a fraction of the image',
+                                            gt=0.0, max=1.0)
+    local_scale: tuple[float, float] = opt((0.05, 0.4), 'area range of a local crop', gt=0.0, max=1.0)
+    flip_p: float = opt(0.0, 'probability of a horizontal flip (0.5 for photos; a mirrored digit is another shape)',
+                        min=0.0, max=1.0)
+    jitter: float = opt(0.4, 'strength of the brightness/contrast/saturation jitter', min=0.0, max=0.99)
+    jitter_p: float = opt(0.8, 'probability of the colour jitter', min=0.0, max=1.0)
+    blur_p: float = opt(0.0, 'probability of a Gaussian blur of a global crop', min=0.0, max=1.0)
+    adaptive: bool = opt(False, 'curriculum: start with num_local_start larger local crops and move to num_local '
+                         'and local_scale over warmup_epochs')
+    num_local_start: int = opt(2, 'local crops per image at epoch 0 (adaptive only)', min=0)
+    local_scale_start: tuple[float, float] = opt((0.2, 0.5), 'local-crop area range at epoch 0 (adaptive only)',
+                                                 gt=0.0, max=1.0)
+    warmup_epochs: int = opt(2, 'epochs of the curriculum (adaptive only)', min=1)
+    local_pred_scale: tuple[float, float] = opt((0.15, 0.4), 'cross_crop_prediction: area range of the target block '
+                                                'in a local crop', gt=0.0, max=1.0)
 
 @dataclass
 class DataConfig:
@@ -147,6 +178,7 @@ class DataConfig:
     channels: int = opt(1, 'channels the model sees: 1 (grey) or 3 (RGB); images are converted', choices=(1, 3))
     batch_size: int = opt(64, 'images per optimiser step on each process (before accumulation)', min=1)
     num_workers: int = opt(0, 'DataLoader worker processes (0: load in the main process)', min=0)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 @dataclass
 class MaskConfig:
@@ -175,8 +207,27 @@ class ModelConfig:
     head: str = opt('linear', 'per-level projection head on the prediction side', choices=('linear', 'mlp', 'identity'))
 
 @dataclass
+class MethodConfig:
+    "Which self-supervised method trains the encoder (chapter 13), and the knobs of each."
+    name: str = opt('ijepa', 'ijepa (one level), hjepa (model.num_levels >= 2), dino, simclr, vicreg or sigreg '
+                    '(LeJEPA: views + SIGReg)', choices=METHOD_NAMES)
+    proj_dim: int = opt(128, 'simclr/vicreg/sigreg: output width of the projection head', min=1)
+    proj_hidden: int = opt(512, 'simclr/vicreg/sigreg/dino: hidden width of the projection head', min=1)
+    temperature: float = opt(0.2, 'simclr: temperature of the NT-Xent softmax', gt=0.0)
+    sigreg_lambda: float = opt(0.05, 'sigreg: weight of SIGReg against the view-agreement term (LeJEPA uses 0.05)',
+                               min=0.0, max=1.0)
+    dino_out_dim: int = opt(1024, 'dino: number of prototypes (output width of the head)', min=2)
+    dino_bottleneck: int = opt(64, 'dino: width before the weight-normalised last layer', min=1)
+    student_temp: float = opt(0.1, 'dino: student softmax temperature', gt=0.0)
+    teacher_temp: float = opt(0.07, 'dino: teacher temperature after the warm-up', gt=0.0)
+    warmup_teacher_temp: float = opt(0.04, 'dino: teacher temperature at epoch 0', gt=0.0)
+    warmup_teacher_epochs: int = opt(1, 'dino: epochs of the linear teacher-temperature warm-up', min=0)
+    freeze_last_layer: int = opt(1, 'dino: epochs during which the last layer of the head is not updated', min=0)
+    center_momentum: float = opt(0.9, 'dino: momentum of the EMA centre of the teacher outputs', min=0.0, max=0.999)
+
+@dataclass
 class LossConfig:
-    "The objective (chapter 05)."
+    "The objective of I-JEPA/H-JEPA (chapter 05); the other methods carry their own (see method)."
     type: str = opt('smooth_l1', 'regression loss between predictions and targets', choices=('smooth_l1', 'mse'))
     vicreg_coeff: float = opt(0.1, 'weight of VICReg variance+covariance on the mean context token (0: off; it stops '
                               'the collapse to a position code on MNIST)', min=0.0)
@@ -245,6 +296,7 @@ class LogConfig:
 class Config:
     "A whole training run."
     data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -283,7 +335,50 @@ def validate(cfg: Config) -> Config:
                           f"the target should slow down, not speed up")
     if d.dataset == 'imagefolder' and not d.root:
         raise ConfigError("data.root: imagefolder needs the folder holding train/ and test/")
+    _validate_method(cfg)
     return cfg
+
+def _validate_method(cfg: Config):
+    "The method and its views: levels, crop sizes, crop counts."
+    from hjepa.data import patch_grid
+    name, m, c, p = cfg.method.name, cfg.model, cfg.data.multicrop, cfg.model.patch_size
+    if name == 'ijepa' and m.num_levels != 1:
+        raise ConfigError(f"method.name=ijepa has one level but model.num_levels={m.num_levels}: "
+                          f"set method.name=hjepa for a hierarchy, or model.num_levels=1")
+    if name == 'hjepa' and m.num_levels < 2:
+        raise ConfigError("method.name=hjepa needs model.num_levels >= 2 (with one level it is ijepa): "
+                          "set model.num_levels=2 or 3")
+    jepa = name in ('ijepa', 'hjepa')
+    if jepa and c.strategy is None: return                      # masked whole images: no crops
+    if not jepa and c.strategy is not None:
+        raise ConfigError(f"data.multicrop.strategy={c.strategy} masks crops for ijepa/hjepa, not {name}: "
+                          f"set it to null (every view method uses the crops as they are)")
+    gs = c.global_size or cfg.data.image_size
+    for key, size in (('global_size', gs), ('local_size', c.local_size)):
+        if size % p or size < p:
+            raise ConfigError(f"data.multicrop.{key}={size} is not a whole number of model.patch_size={p} patches: "
+                              f"use a multiple of {p}")
+    grid = patch_grid(gs, p)
+    if min(grid) >> (m.num_levels - 1) < 1:
+        raise ConfigError(f"data.multicrop.global_size={gs} gives a {grid[0]}x{grid[1]} grid, too small for "
+                          f"model.num_levels={m.num_levels}: raise global_size or lower num_levels")
+    if jepa and cfg.mask.min_keep > grid[0] * grid[1]:
+        raise ConfigError(f"mask.min_keep={cfg.mask.min_keep} exceeds the {grid[0] * grid[1]} patches of a global "
+                          f"crop: lower it or raise data.multicrop.global_size")
+    for key in ('global_scale', 'local_scale', 'local_scale_start', 'local_pred_scale'):
+        lo, hi = getattr(c, key)
+        if lo > hi: raise ConfigError(f"data.multicrop.{key}: the minimum {lo} is above the maximum {hi}")
+    if name in ('simclr', 'vicreg') and c.num_global != 2:
+        raise ConfigError(f"method.name={name} compares two views: set data.multicrop.num_global=2 "
+                          f"(got {c.num_global})")
+    if name in ('dino', 'sigreg') and c.num_global + c.num_local < 2:
+        raise ConfigError(f"method.name={name} needs at least two views: raise data.multicrop.num_global or num_local")
+    if c.strategy == 'cross_crop_prediction' and c.num_local < 1:
+        raise ConfigError("data.multicrop.strategy=cross_crop_prediction predicts patches of local crops: "
+                          "set data.multicrop.num_local >= 1")
+    if c.strategy == 'global_with_local_context' and c.num_local < 1:
+        raise ConfigError("data.multicrop.strategy=global_with_local_context adds local crops to the context: "
+                          "set data.multicrop.num_local >= 1")
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     "Defaults, then the YAML file at `path` (if any), then `key.path=value` overrides; validated before returning."

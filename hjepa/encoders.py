@@ -198,15 +198,23 @@ class Predictor(nn.Module):
         self.apply(_init_weights); _rescale_blocks(self.blocks)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, z_ctx: torch.Tensor, masks_ctx: torch.Tensor | None, masks_tgt: torch.Tensor,
-                grid: tuple[int, int] | None = None, ctx_coords: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z_ctx: torch.Tensor, masks_ctx: torch.Tensor | None, masks_tgt: torch.Tensor | None,
+                grid: tuple[int, int] | None = None, ctx_coords: torch.Tensor | None = None,
+                tgt_coords: torch.Tensor | None = None) -> torch.Tensor:
         """`z_ctx` `[B,Kc,D]` at grid indices `masks_ctx` `[B,Kc]` (or at `(row, col)` `ctx_coords` `[B,Kc,2]`);
-        `masks_tgt` `[B,M,K]`."""
+        targets at grid indices `masks_tgt` `[B,M,K]` (or at `(row, col)` `tgt_coords` `[B,M,K,2]`)."""
         grid = tuple(grid or self.grid)
         n = grid[0] * grid[1]
-        if masks_tgt.ndim == 2: masks_tgt = masks_tgt[:, None]                # [B,K] -> [B,1,K]
-        _check_idx(masks_tgt, n, 'masks_tgt')
-        B, M, K = masks_tgt.shape
+        if tgt_coords is not None:                                           # continuous target positions
+            if tgt_coords.ndim != 4 or tgt_coords.shape[0] != z_ctx.shape[0] or tgt_coords.shape[-1] != 2:
+                raise ValueError(f"tgt_coords must be [B, M, K, 2] with B={z_ctx.shape[0]}, "
+                                 f"got {tuple(tgt_coords.shape)}")
+            B, M, K = tgt_coords.shape[:3]
+        else:
+            if masks_tgt is None: raise ValueError("give masks_tgt (grid indices) or tgt_coords (positions)")
+            if masks_tgt.ndim == 2: masks_tgt = masks_tgt[:, None]            # [B,K] -> [B,1,K]
+            _check_idx(masks_tgt, n, 'masks_tgt')
+            B, M, K = masks_tgt.shape
         pos = self.pos(grid, z_ctx.device).to(z_ctx.dtype)                   # [N,d]
         if ctx_coords is not None:                                           # continuous positions (e.g. local crops)
             if ctx_coords.shape != (*z_ctx.shape[:2], 2):
@@ -220,7 +228,9 @@ class Predictor(nn.Module):
                                  f"pass the context indices the encoder was given")
             ctx_pos = pos[masks_ctx]
         ctx = self.embed(z_ctx) + ctx_pos                                    # [B,Kc,d]
-        tgt = self.mask_token + pos[masks_tgt]                               # [B,M,K,d]
+        tgt_pos = pos[masks_tgt] if tgt_coords is None else \
+            sincos_coords(self.predictor_embed_dim, tgt_coords).to(z_ctx.device, z_ctx.dtype)
+        tgt = self.mask_token + tgt_pos                                      # [B,M,K,d]
         x = torch.cat([ctx[:, None].expand(B, M, *ctx.shape[1:]), tgt], 2)  # [B,M,Kc+K,d]
         x = x.reshape(B * M, -1, x.shape[-1])
         for blk in self.blocks: x = blk(x)

@@ -210,9 +210,9 @@ def infer_encoder_kwargs(sd: Mapping[str, torch.Tensor], **overrides) -> dict:
               mlp_ratio=sd['blocks.0.mlp.0.weight'].shape[0] / D, qkv_bias='blocks.0.attn.qkv.bias' in sd)
     return {**kw, **overrides}
 
-def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None, key: str = 'target_encoder',
+def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None, key: str | None = None,
                       **overrides) -> nn.Module:
-    "A frozen encoder from an exported-encoder file or a checkpoint (`key`: 'target_encoder' or 'context_encoder')."
+    "A frozen encoder from an exported-encoder file or a checkpoint (`key`; default `target_encoder`, else `encoder`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     raw = torch.load(path, map_location='cpu', weights_only=True)
@@ -220,6 +220,8 @@ def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None,
         ck = load_checkpoint(path)
         state = ck['state']
         sd = state.get('model', state)
+        if key is None:                      # the EMA encoder of a JEPA or DINO, else the one encoder of SimCLR & co.
+            key = 'target_encoder' if any(k.startswith('target_encoder.') for k in sd) else 'encoder'
         pre = key + '.'
         sub = {k[len(pre):]: v for k, v in clean_state_dict(sd).items() if k.startswith(pre)}
         if not sub: raise KeyError(f"{path}: the model state has no {pre}* weights; pass key= one of "
@@ -234,7 +236,7 @@ def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None,
     return encoder.eval().requires_grad_(False)
 
 def evaluate_checkpoint(path: str | os.PathLike, train_ds=None, test_ds=None, dataset: str = 'mnist5k',
-                        encoder: nn.Module | None = None, key: str = 'target_encoder', pixels: bool = False,
+                        encoder: nn.Module | None = None, key: str | None = None, pixels: bool = False,
                         **probe_kw) -> dict:
     "`probe` the encoder in `path` on `dataset` (or the given splits); `pixels=True` adds the raw-pixel baseline."
     enc = load_eval_encoder(path, encoder, key)

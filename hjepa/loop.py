@@ -15,8 +15,9 @@ from .data import set_epoch
 from .schedulers import Schedule
 
 # %% auto #0
-__all__ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback', 'EarlyStopping',
-           'batch_size_of', 'jepa_forward', 'total_steps', 'set_loader_epoch', 'loader_generators']
+__all__ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'param_groups', 'cpu_has_fast_bf16', 'amp_dtype', 'StopOnSignal', 'Callback',
+           'EarlyStopping', 'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward', 'total_steps',
+           'set_loader_epoch', 'loader_generators']
 
 # %% ../nbs/09_loop.ipynb #c46776ea
 NO_DECAY = ('pos_embed', 'mask_token', 'cls_token', 'dist_token', 'register_tokens')
@@ -34,10 +35,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Sequence[str] 
 
 # %% ../nbs/09_loop.ipynb #20e8dba5
 AMP_MODES = ('auto', 'bf16', 'fp16', 'off')
-AUTO_CPU = 'bf16'   # measured in this chapter: see 'Mixed precision on this CPU'
+
+def cpu_has_fast_bf16() -> bool:
+    "Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); elsewhere torch emulates it, far below fp32."
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'))
+
+AUTO_CPU = 'bf16' if cpu_has_fast_bf16() else 'off'   # measured in this chapter: see 'Mixed precision on a CPU'
 
 def amp_dtype(amp: str | None, device: str | torch.device) -> torch.dtype | None:
-    "The autocast dtype: 'auto' = bf16 on CPU, fp16 on CUDA (measured choice, see the chapter); 'off'/None = fp32."
+    "The autocast dtype: 'auto' = fp16 on CUDA, bf16 on a CPU with bf16 hardware, else fp32; 'off'/None = fp32."
     if amp is None or amp is False: amp = 'off'
     if amp not in AMP_MODES: raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     kind = torch.device(device).type
@@ -118,6 +124,16 @@ def jepa_forward(trainer, batch) -> tuple[torch.Tensor, dict, torch.Tensor]:
     w = trainer.level_weights_at(trainer.step) or out.level_weights           # schedule, else the model's defaults
     loss, parts = trainer.loss_fn(out.preds, out.targets, w, features=out.ctx_feats)
     return loss, parts, out.tgt_feats
+
+def epoch_progress(trainer) -> float:
+    "The fractional epoch of the batch in hand: `epoch + batches used / batches per epoch` (whole epochs if unsized)."
+    try: n = len(trainer.train_loader)
+    except TypeError: return float(trainer.epoch)
+    return trainer.epoch + max(trainer.batch_in_epoch - 1, 0) / max(n, 1)
+
+def method_forward(trainer, batch) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    "For a model with its own objective (`needs`): `model(batch, step=, epoch=)` -> `(loss, parts, features [B, D])`."
+    return trainer.model(batch, step=trainer.step, epoch=epoch_progress(trainer))
 
 # %% ../nbs/09_loop.ipynb #aa59849a
 def total_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int | None, accum_steps: int = 1) -> int:

@@ -125,23 +125,30 @@ class HJEPA(nn.Module):
             raise ValueError(f"masks_ctx must be [B, K_ctx] (one context block, nenc=1), "
                              f"got shape {tuple(masks_ctx.shape)}")
         grid = patch_grid(tuple(x.shape[-2:]), self.context_encoder.patch_size)
-        # 1. targets: the EMA encoder sees the full image; pool each level on the 2-D grid, LayerNorm, gather blocks
-        with torch.no_grad():
-            z_tgt = self.target_encoder(x)                                                 # [B,N,D]
-            D = z_tgt.shape[-1]
-            targets = [apply_masks(F.layer_norm(pool_grid(z_tgt, grid, l), (D,)), idx)    # [B,M_l,K_l,D]
-                       for l, idx in enumerate(masks_tgt)]
-            z_tgt = F.layer_norm(z_tgt, (D,))
-        # 2. context: only the kept tokens
-        z_ctx = self.context_encoder(x, masks_ctx)                                         # [B,K_ctx,D]
-        # 3. predictions: mask tokens at every patch of each target cell, pooled per cell, then head_l
+        targets, z_tgt = self.targets(x, masks_tgt, grid)                                  # 1. no grad
+        z_ctx = self.context_encoder(x, masks_ctx)                                         # 2. [B,K_ctx,D]
+        preds = self.predict(z_ctx, masks_ctx, masks_tgt, grid)                            # 3.
+        return JEPAOutput(preds, targets, z_ctx, z_tgt, list(self.level_weights))
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor, masks_tgt: Sequence[torch.Tensor], grid: tuple[int, int]):
+        "The EMA encoder sees the full image; each level pooled on the 2-D grid, LayerNorm, blocks gathered."
+        z_tgt = self.target_encoder(x)                                                     # [B,N,D]
+        D = z_tgt.shape[-1]
+        targets = [apply_masks(F.layer_norm(pool_grid(z_tgt, grid, l), (D,)), idx)        # [B,M_l,K_l,D]
+                   for l, idx in enumerate(masks_tgt)]
+        return targets, F.layer_norm(z_tgt, (D,))
+
+    def predict(self, z_ctx: torch.Tensor, masks_ctx: torch.Tensor | None, masks_tgt: Sequence[torch.Tensor],
+                grid: tuple[int, int], ctx_coords: torch.Tensor | None = None) -> list[torch.Tensor]:
+        "Mask tokens at every patch of each target cell, pooled per cell, then head_ℓ: one `[B,M_ℓ,K_ℓ,D]` per level."
         preds = []
         for l, idx in enumerate(masks_tgt):
             B, M, K = idx.shape
-            p = self.predictor(z_ctx, masks_ctx, level_to_patches(idx, grid, l), grid)    # [B,M,K*4^l,D]
+            p = self.predictor(z_ctx, masks_ctx, level_to_patches(idx, grid, l), grid, ctx_coords)   # [B,M,K*4^l,D]
             p = p.reshape(B, M, K, 4 ** l, -1).mean(3)                                     # [B,M,K,D]
             preds.append(self.heads[l](p))
-        return JEPAOutput(preds, targets, z_ctx, z_tgt, list(self.level_weights))
+        return preds
 
     @torch.no_grad()
     def update_target(self, momentum: float):

@@ -21,17 +21,20 @@ from .schedulers import ParamScheduler, lr_schedule, momentum_schedule, wd_sched
 from .monitor import Logger, collapse_metrics, grad_norms, make_logger
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .loop import (  # noqa: F401 (re-exported: every public name of hjepa.loop is in this module's __all__)
-    AMP_MODES, AUTO_CPU, NO_DECAY, Callback, EarlyStopping, StopOnSignal, _floats, _mean_over_ranks, _schedule,
-    amp_dtype, batch_size_of, jepa_forward, loader_generators, param_groups, set_loader_epoch, total_steps)
+    AMP_MODES, AUTO_CPU, NO_DECAY, cpu_has_fast_bf16, Callback, EarlyStopping, StopOnSignal, _floats, _mean_over_ranks, _schedule,
+    amp_dtype, batch_size_of, epoch_progress, jepa_forward, loader_generators, method_forward, param_groups,
+    set_loader_epoch, total_steps)
 
 _total_steps = total_steps          # for `Trainer.__init__`, whose `total_steps=` argument hides the function
 # the parts of hjepa.loop are part of this module's interface too: `from hjepa.trainer import param_groups` works
-_all_ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback', 'EarlyStopping',
-         'batch_size_of', 'jepa_forward', 'total_steps', 'set_loader_epoch', 'loader_generators']
+_all_ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback', 'EarlyStopping',
+         'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward', 'total_steps', 'set_loader_epoch',
+         'loader_generators']
 
 # %% auto #0
-__all__ = ['Trainer', 'NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback',
-           'EarlyStopping', 'batch_size_of', 'jepa_forward', 'total_steps', 'set_loader_epoch', 'loader_generators']
+__all__ = ['Trainer', 'NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal',
+           'Callback', 'EarlyStopping', 'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward',
+           'total_steps', 'set_loader_epoch', 'loader_generators']
 
 # %% ../nbs/09_trainer.ipynb #cc7ff338
 class _EndOfData(Exception): "The last epoch is done."
@@ -59,7 +62,7 @@ class Trainer:
                  accum_steps: int = 1,                # micro-batches per optimiser step (loss divided by it)
                  amp: str = 'auto',                   # 'auto' (bf16 on CPU, fp16 on CUDA), 'bf16', 'fp16' or 'off'
                  compile: bool = False,               # `torch.compile` the model
-                 forward_fn: Callable = None,         # `(trainer, batch) -> (loss, parts, features)`; `jepa_forward`
+                 forward_fn: Callable = None,         # `(trainer, batch) -> (loss, parts, features)`; default below
                  callbacks: Sequence = (),            # `Callback`s: the extension points
                  out_dir: str | Path | None = None,   # run folder: `checkpoints/`, `metrics.jsonl`, `tb/` (rank 0 only)
                  logger: Logger | None = None,        # default `make_logger(out_dir)` on rank 0
@@ -82,7 +85,8 @@ class Trainer:
         self.model = torch.compile(model) if compile else model
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_fn = loss_fn if loss_fn is not None else CombinedLoss()
-        self.forward_fn = forward_fn or jepa_forward
+        # a model with its own objective (`needs`: chapter 13's methods) gets the batch; HJEPA goes via jepa_forward
+        self.forward_fn = forward_fn or (method_forward if hasattr(self.module, 'needs') else jepa_forward)
         self.max_steps, self.epochs, self.accum_steps, self.clip_grad = max_steps, epochs, accum_steps, clip_grad
         T = self.total_steps = total_steps or _total_steps(max_steps, epochs, None if max_steps else len(train_loader),
                                                            accum_steps)
@@ -186,6 +190,8 @@ def train_step(self: Trainer) -> dict:
     else:
         gn = grad_norms(self.module) if watch else {}                      # per-module norms, before zero_grad
         # 5. optimiser step (AdamW; weight decay only on the 'decay' group)
+        # a model may edit its gradients last (DINO freezes its last layer in the first epoch)
+        if hasattr(self.module, 'before_optimizer_step'): self.module.before_optimizer_step(self)
         self.scaler.step(opt); self.scaler.update(); opt.zero_grad(set_to_none=True)
         self.bad_in_a_row = 0
         # 6. EMA: the target encoder follows the context encoder with this step's momentum

@@ -48,7 +48,7 @@ def _source_nb(py: Path) -> str:
 
 
 def _order(nb: str) -> tuple:
-    """Course position of a notebook: chapters in file-name order (00_core < 00_data < ... < 12a_recipe < 12b_cli);
+    """Course position of a notebook: chapters in file-name order (00_core < 00_data < ... < 15_recipe < 16_cli);
     a lab checker (checks/NN_x) comes right after its chapter NN_x; the lab machinery (a checks/ notebook of no
     chapter) comes first, so it may import nothing of the library."""
     if nb.startswith('checks/'):
