@@ -6,8 +6,10 @@
 
 Each run is its own process (so its peak memory is its own) that builds everything from `configs/<method>.yaml`
 exactly as `hjepa train` does, and trains until it has used `budget` seconds of CPU time per thread (CPU time, not wall
-time, so that another job on the machine does not shorten one run more than another). A short calibration first
-measures the cost of a step, so that the schedules (warm-up, cosine decay, EMA ramp, DINO's epochs) span the budget.
+time, so that a short burst of another job does not shorten one run more than another; threads wait passively, so
+waiting is not charged). Run it on an otherwise idle machine all the same: contention slows every step. A short
+calibration first measures the cost of a step, so that the schedules (warm-up, cosine decay, EMA ramp, DINO's epochs)
+span the budget.
 The encoder is probed on the held-out split at four points of the budget; probe time is not charged. Results go to
 benchmarks/results/methods.json and methods.png (the probe-over-time curves), which chapter 13 shows.
 """
@@ -52,7 +54,8 @@ def child(name: str, budget: float, threads: int, probes: int, out: Path):
         Xtr, ytr = extract_features(enc, train_ds, pool=cfg.eval.pool)
         Xte, yte = extract_features(enc, test_ds, pool=cfg.eval.pool)
         r = probe_features(Xtr, ytr, Xte, yte, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)
-        return {'linear': float(r['linear']), 'knn': float(r['knn']), 'eff_rank': float(effective_rank(Xte))}
+        return {'linear': float(r['linear']), 'knn': float(r['knn']),
+                'eff_rank': float(effective_rank(Xte - Xte.mean(0)))}      # of the centred test features
 
     # calibration: CPU seconds per step on a copy (its RNG use is undone by reseeding below)
     cal = build_trainer(cfg.__class__(**{**cfg.__dict__}), copy.deepcopy(method), train_dl, logger=MultiLogger())
@@ -119,7 +122,7 @@ def plot(res: dict, path: Path):
 
 
 def table(res: dict) -> str:
-    lines = [f"| run | steps | epochs | img/s | linear | k-NN | eff. rank | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | epochs | img/s | linear | k-NN | eff. rank | peak RSS (MB) |", "|---" * 8 + "|"]
     for r in sorted(res['runs'], key=lambda r: -r['linear']):
         lines.append(f"| {r['run']} | {r['steps']} | {r['epochs']} | {r['img_per_s']:.0f} | {r['linear']:.3f} | "
                      f"{r['knn']:.3f} | {r['eff_rank']:.1f} | {r['peak_rss_mb']:.0f} |")
@@ -150,7 +153,7 @@ def main(argv=None):
         t = time.perf_counter()
         r = subprocess.run([sys.executable, __file__, '--child', n, '--child-out', f, '--budget', str(a.budget),
                             '--threads', str(a.threads), '--probes', str(a.probes)],
-                           env={**os.environ, 'OMP_NUM_THREADS': str(a.threads)})
+                           env={**os.environ, 'OMP_NUM_THREADS': str(a.threads), 'OMP_WAIT_POLICY': 'PASSIVE'})
         if r.returncode: sys.exit(f"run {n!r} failed (exit {r.returncode})")
         runs.append(json.loads(f.read_text())); f.unlink()
         print(f"{n:<36} {runs[-1]['steps']:>5} steps  linear {runs[-1]['linear']:.3f}  k-NN {runs[-1]['knn']:.3f}  "

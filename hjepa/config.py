@@ -13,8 +13,8 @@ import yaml
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'PRESET_NAMES', 'METHOD_NAMES', 'STRATEGY_NAMES', 'ConfigError', 'opt', 'from_dict', 'to_dict',
            'apply_override', 'MultiCropConfig', 'DataConfig', 'MaskConfig', 'ModelConfig', 'MethodConfig', 'LossConfig',
-           'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig', 'LogConfig', 'Config', 'validate', 'load_config',
-           'save_config', 'config_help']
+           'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig', 'LogConfig', 'Config', 'validate', 'method_name',
+           'load_config', 'save_config', 'config_help']
 
 # %% ../nbs/12_config.ipynb #c79b7e21
 class ConfigError(ValueError):
@@ -209,8 +209,8 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     "Which self-supervised method trains the encoder (chapter 13), and the knobs of each."
-    name: str = opt('ijepa', 'ijepa (one level), hjepa (model.num_levels >= 2), dino, simclr, vicreg or sigreg '
-                    '(LeJEPA: views + SIGReg)', choices=METHOD_NAMES)
+    name: str | None = opt(None, 'ijepa (one level), hjepa (model.num_levels >= 2), dino, simclr, vicreg or sigreg '
+                           '(LeJEPA: views + SIGReg); null: the JEPA of model.num_levels', choices=METHOD_NAMES)
     proj_dim: int = opt(128, 'simclr/vicreg/sigreg: output width of the projection head', min=1)
     proj_hidden: int = opt(512, 'simclr/vicreg/sigreg/dino: hidden width of the projection head', min=1)
     temperature: float = opt(0.2, 'simclr: temperature of the NT-Xent softmax', gt=0.0)
@@ -338,10 +338,14 @@ def validate(cfg: Config) -> Config:
     _validate_method(cfg)
     return cfg
 
+def method_name(cfg: Config) -> str:
+    "`method.name`, or for null the JEPA of `model.num_levels`: `ijepa` with one level, `hjepa` with more."
+    return cfg.method.name or ('ijepa' if cfg.model.num_levels == 1 else 'hjepa')
+
 def _validate_method(cfg: Config):
     "The method and its views: levels, crop sizes, crop counts."
     from hjepa.data import patch_grid
-    name, m, c, p = cfg.method.name, cfg.model, cfg.data.multicrop, cfg.model.patch_size
+    name, m, c, p = method_name(cfg), cfg.model, cfg.data.multicrop, cfg.model.patch_size
     if name == 'ijepa' and m.num_levels != 1:
         raise ConfigError(f"method.name=ijepa has one level but model.num_levels={m.num_levels}: "
                           f"set method.name=hjepa for a hierarchy, or model.num_levels=1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, save_config, to_dict
+from .config import Config, ConfigError, method_name, save_config, to_dict
 from .core import unwrap
 from .data import build_loader, image_transform, load_dataset, patch_grid
 from .masking import HierarchicalMaskGenerator, MaskCollator
@@ -106,7 +106,7 @@ def build_crop_masks(cfg: Config) -> MultiCropMaskGenerator:
 
 def build_method(cfg: Config) -> Method:
     "The `Method` of `cfg.method.name` on a ViT of `cfg.model`, with the knobs of `cfg.method` (and `cfg.loss`)."
-    m, k, name = cfg.model, cfg.method, cfg.method.name
+    m, k, name = cfg.model, cfg.method, method_name(cfg)
     kw = {key: v for key, v in dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, pred_dim=m.pred_dim,
                                     pred_depth=m.pred_depth).items() if v is not None}
     jepa = name in ('ijepa', 'hjepa')
@@ -129,8 +129,9 @@ def build_method(cfg: Config) -> Method:
 
 def method_needs(cfg: Config) -> str:
     "What the batches of `cfg`'s method hold (its `needs`), known before the method is built."
-    if cfg.method.name in ('ijepa', 'hjepa'): return 'masks' if cfg.data.multicrop.strategy is None else 'masked_crops'
-    return METHODS[cfg.method.name].needs
+    name = method_name(cfg)
+    if name in ('ijepa', 'hjepa'): return 'masks' if cfg.data.multicrop.strategy is None else 'masked_crops'
+    return METHODS[name].needs
 
 def build_loaders(cfg: Config, needs: str | None = None, train_ds=None, test_ds=None):
     "`(train, val)` loaders of the batches a method `needs` (default: `cfg`'s): masked images, crops, or masked crops."
@@ -251,12 +252,13 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         # 4. rank 0: the encoder, the curves, the probe
         enc = model.eval_encoder
         meta = {'encoder': encoder_kwargs(enc), 'config': to_dict(cfg), 'steps': trainer.step,
-                'method': cfg.method.name}
+                'method': method_name(cfg)}
         export_encoder(enc, out / 'encoder.pt', meta=meta)
         if cfg.log.plots and (out / 'metrics.jsonl').exists(): _save_plots(out)
-        results = {'method': cfg.method.name, 'steps': summary['steps'], 'epochs': summary['epochs'],
-                   'wall_s': round(summary['wall_s'], 1), 'img_per_s': round(summary['img_per_s'], 1), 'stop_reason': summary['stop_reason'],
-                   'nan_skipped': summary['nan_skipped'], 'val_loss': summary.get('val/loss')}
+        results = {'method': method_name(cfg), 'steps': summary['steps'], 'epochs': summary['epochs'],
+                   'wall_s': round(summary['wall_s'], 1), 'img_per_s': round(summary['img_per_s'], 1),
+                   'stop_reason': summary['stop_reason'], 'nan_skipped': summary['nan_skipped'],
+                   'val_loss': summary.get('val/loss')}
         if cfg.eval.probe:
             results.update(probe_report(enc, random_encoder, train_ds, test_ds, cfg, verbose))
         (out / 'results.json').write_text(json.dumps(results, indent=1))
@@ -282,6 +284,6 @@ def probe_report(encoder, random_encoder, train_ds, test_ds, cfg: Config, verbos
            'knn_pretrained': p['knn'], 'knn_random': r['knn'], 'knn_pixels': px['knn']}
     if verbose:
         print(f"held-out accuracy on {cfg.data.dataset} ({len(test_ds)} images):   linear probe   k-NN")
-        for name, d in ((f'pretrained {cfg.method.name}', p), ('random init', r), ('raw pixels', px)):
+        for name, d in ((f'pretrained {method_name(cfg)}', p), ('random init', r), ('raw pixels', px)):
             print(f"  {name:<20} {d['linear']:>27.3f} {d['knn']:>6.3f}")
     return {k: round(float(v), 4) for k, v in res.items()}

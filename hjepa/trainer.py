@@ -21,15 +21,15 @@ from .schedulers import ParamScheduler, lr_schedule, momentum_schedule, wd_sched
 from .monitor import Logger, collapse_metrics, grad_norms, make_logger
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .loop import (  # noqa: F401 (re-exported: every public name of hjepa.loop is in this module's __all__)
-    AMP_MODES, AUTO_CPU, NO_DECAY, cpu_has_fast_bf16, Callback, EarlyStopping, StopOnSignal, _floats, _mean_over_ranks, _schedule,
-    amp_dtype, batch_size_of, epoch_progress, jepa_forward, loader_generators, method_forward, param_groups,
-    set_loader_epoch, total_steps)
+    AMP_MODES, AUTO_CPU, NO_DECAY, Callback, EarlyStopping, StopOnSignal, _floats, _mean_over_ranks, _schedule,
+    amp_dtype, cpu_has_fast_bf16, batch_size_of, epoch_progress, jepa_forward, loader_generators, method_forward,
+    param_groups, set_loader_epoch, total_steps)
 
 _total_steps = total_steps          # for `Trainer.__init__`, whose `total_steps=` argument hides the function
 # the parts of hjepa.loop are part of this module's interface too: `from hjepa.trainer import param_groups` works
-_all_ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal', 'Callback', 'EarlyStopping',
-         'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward', 'total_steps', 'set_loader_epoch',
-         'loader_generators']
+_all_ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal',
+         'Callback', 'EarlyStopping', 'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward',
+         'total_steps', 'set_loader_epoch', 'loader_generators']
 
 # %% auto #0
 __all__ = ['Trainer', 'NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal',
