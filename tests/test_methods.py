@@ -269,3 +269,38 @@ def test_loaders_for_each_need(needs):
 def test_method_config_errors_name_the_key(over, msg):
     from hjepa.config import ConfigError
     with pytest.raises(ConfigError, match=msg): load_config(overrides=over)
+
+
+@pytest.mark.parametrize('name', ['dino', 'sigreg'])
+def test_hjepa_train_under_torchrun(tmp_path, name):
+    "DINO (its centre is averaged over ranks) and LeJEPA (SIGReg's sums are all-reduced) train with 2 DDP ranks."
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
+                                                            'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', WANDB_MODE='disabled', MPLBACKEND='Agg')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'hjepa.cli',
+           'train', '--config', ROOT / 'configs' / f'{name}.yaml', '--out', tmp_path / 'run', *QUICK,
+           '--set', 'eval.probe=false']
+    r = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    losses = [x['loss'] for x in recs if 'loss' in x]
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    assert (tmp_path / 'run' / 'checkpoints' / 'final.pt').is_file()
+
+
+def test_adaptive_curriculum_follows_the_trainers_epoch():
+    "data.multicrop.adaptive: few large local crops at epoch 0, the configured number after warmup_epochs."
+    from hjepa.trainer import set_loader_epoch
+    cfg = load_config(overrides=['method.name=dino', 'data.dataset=digits', 'data.batch_size=128', 'model.depth=1',
+                                 'model.embed_dim=32', 'model.num_heads=2', 'method.dino_out_dim=32',
+                                 'data.multicrop.adaptive=true', 'data.multicrop.num_local_start=2',
+                                 'data.multicrop.num_local=6', 'data.multicrop.warmup_epochs=2'])
+    train, _ = build_loaders(cfg)
+    counts = []
+    for epoch in (0, 1, 2, 5):
+        set_loader_epoch(train, epoch)
+        counts.append(next(iter(train))['local'].shape[1])
+    assert counts == [2, 4, 6, 6], counts
+    seed_everything(0)
+    _, tr = fit(build_method(cfg), train, steps=len(train) + 1)              # into epoch 1 through the Trainer
+    assert tr.epoch == 1 and tr.batch['local'].shape[1] == 4
