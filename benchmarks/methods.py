@@ -22,6 +22,7 @@ RUNS = {   # name: (config, overrides)
     'ijepa': ('ijepa', []),
     'hjepa (2 levels)': ('hjepa', []),
     'dino': ('dino', []),
+    'dino, no freeze or warm-up': ('dino', ['method.freeze_last_layer=0', 'method.warmup_teacher_epochs=0']),
     'simclr': ('simclr', []),
     'vicreg': ('vicreg', []),
     'sigreg (LeJEPA)': ('sigreg', []),
@@ -109,10 +110,10 @@ def plot(res: dict, path: Path):
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     for r in res['runs']:
-        xs = [c['budget_s'] for c in r['curve']]
-        style = '--' if '+' in r['run'] else '-'
-        for ax, key in zip(axs, ('linear', 'knn')): ax.plot(xs, [c[key] for c in r['curve']], style, marker='o',
-                                                            label=r['run'])
+        xs = [0.0] + [c['budget_s'] for c in r['curve']]                 # budget 0: the same network at random init
+        style = '--' if '+' in r['run'] or ',' in r['run'] else '-'
+        for ax, key in zip(axs, ('linear', 'knn')):
+            ax.plot(xs, [r[f'random_{key}']] + [c[key] for c in r['curve']], style, marker='o', ms=3, label=r['run'])
     for ax, key, title in zip(axs, ('linear', 'knn'), ('linear probe', 'k-NN (k=20)')):
         ax.axhline(res['pixels'][key], color='k', lw=1, ls=':', label='raw pixels')
         ax.set(xlabel='training CPU-seconds per thread', ylabel='held-out accuracy', title=f'MNIST-5k, {title}')
