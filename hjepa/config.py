@@ -75,6 +75,7 @@ def _limits(v, meta, path):
     vals = v if isinstance(v, (list, tuple)) else [v]
     for x in vals:
         if not isinstance(x, (int, float)): continue
+        if not math.isfinite(x): raise ConfigError(f"{path}: {v!r} is not a finite number")
         if meta.get('min') is not None and x < meta['min']:
             raise ConfigError(f"{path}: {v!r} is below the minimum {meta['min']}")
         if meta.get('max') is not None and x > meta['max']:

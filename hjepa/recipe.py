@@ -22,15 +22,15 @@ from .losses import CombinedLoss, JEPALoss
 from .schedulers import LevelWeightSchedule
 from .monitor import make_logger
 from .checkpoint import export_encoder
-from .trainer import Trainer, seed_everything, total_steps
+from .trainer import Trainer, amp_dtype, seed_everything, total_steps
 from .distributed import cleanup_distributed, setup_distributed, wrap_ddp
 from .eval import encoder_kwargs, probe, probe_pixels
 
 # %% auto #0
-__all__ = ['TRAINER_ARGS', 'build_datasets', 'raw_splits', 'norm_stats', 'build_mask_generator', 'build_model', 'global_size',
-           'build_views', 'build_crop_masks', 'build_method', 'method_needs', 'build_loaders', 'build_loss',
-           'resolve_device', 'config_value', 'build_trainer', 'prepare_run_dir', 'default_run_dir', 'run_training',
-           'probe_report']
+__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'build_datasets', 'raw_splits', 'norm_stats', 'build_mask_generator', 'build_model',
+           'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs', 'build_loaders',
+           'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state', 'prepare_run_dir',
+           'default_run_dir', 'run_training', 'probe_report']
 
 # %% ../nbs/15_recipe.ipynb #7e2011c3
 def build_datasets(cfg: Config, stats_samples: int = 512):
@@ -204,20 +204,46 @@ def build_trainer(cfg: Config, model, train_loader, *, val_loader=None, out_dir:
                    out_dir=out_dir, logger=logger, config=to_dict(cfg), device=device, **kw)
 
 # %% ../nbs/15_recipe.ipynb #dff3662c
+RUN_FILES = ('config.yaml', 'metrics.jsonl', 'tb', 'checkpoints', 'encoder.pt', 'curves.png', 'results.json')
+
+def run_state(out: str | os.PathLike) -> str:
+    """What a folder holds: `'empty'` (or missing), `'failed_start'` (only a `config.yaml`: a start that failed before
+    training), `'run'` (a `config.yaml` with `metrics.jsonl` or `checkpoints/`: recognisably an hjepa run), or
+    `'other'` (anything else: not ours)."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()): return 'empty'
+    names = {p.name for p in out.iterdir()}
+    if names == {'config.yaml'}: return 'failed_start'
+    if 'config.yaml' in names and names & {'metrics.jsonl', 'checkpoints'}: return 'run'
+    return 'other'
+
 def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    "Create the run folder; an existing non-empty one is an error unless `resume` (keep it) or `overwrite` (empty it)."
+    """Create the run folder. A run is kept unless `resume` (continue it) or `overwrite` (replace the run's own files,
+    nothing else); a folder that is not an hjepa run is never touched, with or without `overwrite`."""
+    if str(out).strip() == '': raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
-    busy = out.exists() and any(out.iterdir())
-    if resume and not (out / 'checkpoints').is_dir():
-        raise ConfigError(f"--resume: {out} holds no checkpoints/ to resume from; "
-                          f"drop --resume to start a new run there")
-    if busy and not resume:
+    state = run_state(out)
+    if resume:
+        if not (out / 'checkpoints').is_dir() or not any((out / 'checkpoints').glob('*.pt')):
+            raise ConfigError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run "
+                              f"there")
+        return out
+    if state == 'other':
+        mine = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+        shown = ', '.join(mine[:4]) + (', ...' if len(mine) > 4 else '')
+        why = " (--overwrite replaces only a run folder)" if overwrite else ''
+        raise ConfigError(f"--out {out} holds files that are not an hjepa run ({shown}) and was left untouched: "
+                          f"pass an empty or new folder{why}")
+    if state == 'run':
         if not overwrite:
             raise ConfigError(f"run folder {out} already holds a run and was left untouched: pass --resume to continue "
                               f"it, --overwrite to replace it, or --out NEW_FOLDER")
         import shutil
-        for p in out.iterdir(): shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for name in RUN_FILES:                               # the run's own files; anything else in the folder stays
+            p = out / name
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+            elif p.exists() or p.is_symlink(): p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -232,7 +258,10 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
     info = setup_distributed(device=None if cfg.train.device == 'auto' else resolve_device(cfg.train.device))
     main = info.rank == 0
     try:
+        if out is not None and not str(out).strip():           # Path('') would be the current folder
+            raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
         out = Path(out) if out is not None else default_run_dir(cfg)
+        amp_dtype(cfg.train.amp, info.device)                   # fails here, before any file exists (fp16 on a CPU)
         if main: out = prepare_run_dir(out, resume, overwrite); save_config(cfg, out / 'config.yaml')
         if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)

@@ -47,6 +47,8 @@ def test_train_subprocess_writes_the_run_folder(tmp_path):
 
 @pytest.mark.parametrize('args, key', [
     (['--set', 'optim.lr=-1'], 'optim.lr'),
+    (['--set', 'optim.lr=.nan'], 'optim.lr: nan is not a finite number'),
+    (['--set', 'optim.clip_grad=.inf'], 'optim.clip_grad: inf is not a finite number'),
     (['--set', 'model.depht=3'], 'model.depht'),
     (['--set', 'data.image_size=30'], 'data.image_size'),
     (['--set', 'train.epochs=many'], 'train.epochs'),
@@ -104,3 +106,47 @@ def test_import_config_is_torch_free(tmp_path):
     code = "import sys, hjepa.config; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == 'False', r.stdout + r.stderr[-2000:]
+
+
+TWO_STEPS = ['--set', 'data.dataset=digits', '--set', 'train.max_steps=2', '--set', 'data.batch_size=16',
+             '--set', 'eval.probe=false', '--set', 'log.tensorboard=false', '--set', 'log.plots=false',
+             '--set', 'train.log_every=1']
+
+
+def test_overwrite_never_touches_a_folder_that_is_not_a_run(tmp_path, capsys):
+    "issue 11.1: `--overwrite` on a project folder refuses and deletes nothing; `--out ''` is an error."
+    from hjepa.cli import main
+    proj = tmp_path / 'proj'
+    (proj / 'src').mkdir(parents=True); (proj / 'src' / 'a.py').write_text('')
+    (proj / 'thesis.tex').write_text('chapter 1')
+    code, err = main(['train', '--out', str(proj), '--overwrite', *TWO_STEPS]), capsys.readouterr().err
+    assert code == 2 and 'not an hjepa run (src, thesis.tex)' in err and 'Traceback' not in err, err
+    assert (proj / 'thesis.tex').read_text() == 'chapter 1' and (proj / 'src' / 'a.py').exists()
+    assert sorted(p.name for p in proj.iterdir()) == ['src', 'thesis.tex'], "nothing may be added either"
+    code, err = main(['train', '--out', '', '--overwrite', *TWO_STEPS]), capsys.readouterr().err
+    assert code == 2 and '--out is empty' in err, err
+
+
+def test_overwrite_replaces_only_the_runs_own_files(tmp_path):
+    run = tmp_path / 'run'
+    r = hjepa('train', '--out', run, *TWO_STEPS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run / 'my_notes.md').write_text('keep me')
+    first = (run / 'metrics.jsonl').read_text()
+    r = hjepa('train', '--out', run, '--overwrite', *TWO_STEPS, '--set', 'train.seed=1', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / 'my_notes.md').read_text() == 'keep me'
+    assert (run / 'metrics.jsonl').read_text() != first and (run / 'checkpoints' / 'final.pt').is_file()
+
+
+def test_a_failed_start_leaves_no_trap(tmp_path, capsys):
+    "issue 11.5: fp16 on a CPU fails before any file exists; the retry in the same folder then works."
+    from hjepa.cli import main
+    run = tmp_path / 'run'
+    code = main(['train', '--out', str(run), '--set', 'train.amp=fp16', '--set', 'train.device=cpu', *TWO_STEPS])
+    err = capsys.readouterr().err
+    assert code == 2 and "amp='fp16' needs a CUDA device" in err, err
+    assert not run.exists() or not any(run.iterdir()), f"the failed start left {sorted(run.iterdir())}"
+    (run).mkdir(exist_ok=True); (run / 'config.yaml').write_text('{}')     # an older failed start's leftover
+    r = hjepa('train', '--out', run, *TWO_STEPS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
