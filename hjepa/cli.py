@@ -61,9 +61,17 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False)); return 0
     from hjepa.recipe import run_training                            # torch and the library: only to train
     res = run_training(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    if 'run_dir' in res:
-        print(f"run folder: {res['run_dir']}  ({res['steps']} steps, {res['wall_s']:.0f}s, "
-              f"{res['img_per_s']:.0f} img/s)")
+    if 'run_dir' not in res: return 0                                # another rank under torchrun
+    print(f"run folder: {res['run_dir']}  ({res['steps']} steps, {res['wall_s']:.0f}s, "
+          f"{res['img_per_s']:.0f} img/s)")
+    reason = res.get('stop_reason') or ''
+    if res.get('status') == 'interrupted':                           # 128 + the signal's number, as a shell would
+        print(f"hjepa train: interrupted at step {res['steps']}; the run is saved: continue it with "
+              f"`hjepa train --out {res['run_dir']} --resume` (and the same --config / --set)", file=sys.stderr)
+        return 143 if 'SIGTERM' in reason else 130
+    if res.get('status') == 'diverged':
+        print(f"hjepa train: error: {reason.replace(' trainer.resume(', ' --resume (')}", file=sys.stderr)
+        return 1
     return 0
 
 def cmd_probe(args) -> int:
@@ -73,7 +81,8 @@ def cmd_probe(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run folder, a checkpoint or an encoder file")
-    cfg_file = path / 'config.yaml' if path.is_dir() and (path / 'config.yaml').exists() else None
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == 'checkpoints' else None
+    cfg_file = run / 'config.yaml' if run is not None and (run / 'config.yaml').is_file() else None
     cfg = load_config(cfg_file, [f'data.dataset={args.dataset}'] if args.dataset else [])   # the run's data and sizes
     if path.is_dir():
         if not (path / 'encoder.pt').exists():

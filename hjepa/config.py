@@ -390,6 +390,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     d = to_dict(Config())
     if path is not None:
         p = Path(path).expanduser()
+        if p.is_dir(): raise ConfigError(f"--config {p} is a folder: pass a YAML file, e.g. {p / 'config.yaml'}")
         if not p.is_file(): raise ConfigError(f"config file {p} does not exist: pass an existing YAML file to --config")
         try: raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e: raise ConfigError(f"{p} is not valid YAML: {e}") from None

@@ -288,7 +288,11 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
                    'wall_s': round(summary['wall_s'], 1), 'img_per_s': round(summary['img_per_s'], 1),
                    'stop_reason': summary['stop_reason'], 'nan_skipped': summary['nan_skipped'],
                    'val_loss': summary.get('val/loss')}
-        if cfg.eval.probe:
+        reason = summary['stop_reason'] or ''
+        # an interrupted or diverged run is not finished: no probe; the command line exits non-zero
+        results['status'] = ('interrupted' if reason.startswith('interrupted') else
+                             'diverged' if trainer.bad_in_a_row >= trainer.max_bad_steps else 'finished')
+        if cfg.eval.probe and results['status'] == 'finished':
             results.update(probe_report(enc, random_encoder, train_ds, test_ds, cfg, verbose))
         (out / 'results.json').write_text(json.dumps(results, indent=1))
         results['run_dir'] = str(out)

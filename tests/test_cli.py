@@ -150,3 +150,44 @@ def test_a_failed_start_leaves_no_trap(tmp_path, capsys):
     (run).mkdir(exist_ok=True); (run / 'config.yaml').write_text('{}')     # an older failed start's leftover
     r = hjepa('train', '--out', run, *TWO_STEPS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_probe_of_a_checkpoint_uses_the_runs_dataset(tmp_path):
+    "issue 11.9: a synthetic run's checkpoint is probed on the synthetic test split, not on MNIST-5k."
+    from hjepa.data import load_dataset
+    run = tmp_path / 'run'
+    over = [a if a != 'data.dataset=digits' else 'data.dataset=synthetic' for a in TWO_STEPS]
+    r = hjepa('train', '--out', run, *over, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = hjepa('probe', run / 'checkpoints' / 'final.pt', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)['n_test'] == len(load_dataset('synthetic', 'test')) != 1000
+
+
+def test_config_folder_is_named(tmp_path, capsys):
+    from hjepa.cli import main
+    code, err = main(['train', '--config', str(tmp_path)]), capsys.readouterr().err
+    assert code == 2 and 'is a folder: pass a YAML file' in err, err
+
+
+@pytest.mark.parametrize('sig, code', [('SIGINT', 130), ('SIGTERM', 143)])
+def test_an_interrupted_run_exits_nonzero_skips_the_probe_and_says_how_to_continue(tmp_path, sig, code):
+    "issue 11.6: after SIGINT/SIGTERM the CLI prints the command that continues the run and exits 128 + signal."
+    import signal, time
+    run = tmp_path / 'run'
+    env = {**os.environ, 'WANDB_MODE': 'offline', 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1'}
+    long = [a if a != 'train.max_steps=2' else 'train.max_steps=100000' for a in TWO_STEPS]
+    pr = subprocess.Popen([sys.executable, '-m', 'hjepa.cli', 'train', '--out', str(run), *long, '--set',
+                           'eval.probe=true'], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    t0 = time.time()
+    while not (run / 'metrics.jsonl').exists() or len((run / 'metrics.jsonl').read_text().splitlines()) < 3:
+        assert pr.poll() is None and time.time() - t0 < 240, "the run ended or never logged"
+        time.sleep(0.3)
+    pr.send_signal(getattr(signal, sig))
+    out, err = pr.communicate(timeout=240)
+    assert pr.returncode == code, (pr.returncode, err[-2000:])
+    assert f'hjepa train --out {run} --resume' in err and 'trainer.resume' not in err, err[-2000:]
+    res = json.loads((run / 'results.json').read_text())
+    assert res['status'] == 'interrupted' and 'probe_pretrained' not in res and 'held-out accuracy' not in out
+    assert (run / 'checkpoints' / 'interrupted.pt').is_file()
