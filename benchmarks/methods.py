@@ -59,8 +59,7 @@ def child(name: str, budget: float, threads: int, probes: int, out: Path):
                 'eff_rank': float(effective_rank(Xte - Xte.mean(0)))}      # of the centred test features
 
     # calibration: CPU seconds per step on a copy (its RNG use is undone by reseeding below)
-    cal = build_trainer(cfg.__class__(**{**cfg.__dict__}), copy.deepcopy(method), train_dl, logger=MultiLogger())
-    cal.max_steps = 6
+    cal = build_trainer(cfg, copy.deepcopy(method), train_dl, logger=MultiLogger())
     cal.train_step(); t = cpu_s()
     for _ in range(4): cal.train_step()
     per_step = (cpu_s() - t) / 4 / threads

@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
               f"`hjepa train --out {res['run_dir']} --resume` (and the same --config / --set)", file=sys.stderr)
         return 143 if 'SIGTERM' in reason else 130
     if res.get('status') == 'diverged':
-        print(f"hjepa train: error: {reason.replace(' trainer.resume(', ' --resume (')}", file=sys.stderr)
+        print(f"hjepa train: error: {reason}", file=sys.stderr)
         return 1
     return 0
 

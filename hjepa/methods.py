@@ -19,8 +19,8 @@ from .model import HJEPA, JEPAOutput, ema_update_
 from .losses import CombinedLoss, DINOLoss, InfoNCELoss, SIGRegLoss, VICRegLoss, level_loss
 
 # %% auto #0
-__all__ = ['NEEDS', 'METHODS', 'Method', 'crop_views', 'encode_views', 'projector', 'SimCLR', 'VICReg', 'SIGReg', 'NormLinear',
-           'DINOHead', 'DINO', 'JEPA']
+__all__ = ['NEEDS', 'METHODS', 'Method', 'crop_views', 'encode_views', 'projector', 'TwoViews', 'SimCLR', 'VICReg', 'SIGReg',
+           'NormLinear', 'DINOHead', 'DINO', 'JEPA']
 
 # %% ../nbs/13_methods.ipynb #0dbe4548
 NEEDS = ('masks', 'crops', 'masked_crops')
@@ -62,38 +62,33 @@ def projector(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Seq
     return nn.Sequential(*mods, nn.Linear(d, out_dim))
 
 # %% ../nbs/13_methods.ipynb #e1adb485
-class SimCLR(Method):
-    "SimCLR: two views, a projector, NT-Xent with the other view of the same image as the positive."
-    name, needs = 'simclr', 'crops'
-    def __init__(self, encoder: nn.Module, proj_dim: int = 128, hidden: int = 512, temperature: float = 0.2):
-        super().__init__()
-        self.encoder, self.projector = encoder, projector(encoder.embed_dim, hidden, proj_dim)
-        self.loss = InfoNCELoss(temperature)
-
+class TwoViews(Method):
+    "A method on two global views of each image: encode both, project both, compare them with `self.loss`."
+    needs = 'crops'
     def forward(self, batch, step: int = 0, epoch: float = 0.0):
         g, _ = crop_views(batch, with_local=False)
-        if g.shape[1] != 2: raise ValueError(f"SimCLR compares two views, got {g.shape[1]} global crops")
+        if g.shape[1] != 2: raise ValueError(f"{type(self).__name__} compares two views, got {g.shape[1]} global crops")
         h = encode_views(self.encoder, g)                                   # [B, 2, D]
         z = self.projector(h.flatten(0, 1)).view(*h.shape[:2], -1).float()  # [B, 2, K]
         loss, parts = self.loss(z[:, 0], z[:, 1])
         return loss, parts, h[:, 0].detach()
 
-class VICReg(Method):
+class SimCLR(TwoViews):
+    "SimCLR: two views, a projector, NT-Xent with the other view of the same image as the positive."
+    name = 'simclr'
+    def __init__(self, encoder: nn.Module, proj_dim: int = 128, hidden: int = 512, temperature: float = 0.2):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector(encoder.embed_dim, hidden, proj_dim)
+        self.loss = InfoNCELoss(temperature)
+
+class VICReg(TwoViews):
     "VICReg: two views, an expander, invariance + variance + covariance (no negatives, no target network)."
-    name, needs = 'vicreg', 'crops'
+    name = 'vicreg'
     def __init__(self, encoder: nn.Module, proj_dim: int = 512, hidden: int = 512, sim_coeff: float = 25.0,
                  std_coeff: float = 25.0, cov_coeff: float = 1.0):
         super().__init__()
         self.encoder, self.projector = encoder, projector(encoder.embed_dim, hidden, proj_dim, layers=3)
         self.loss = VICRegLoss(sim_coeff, std_coeff, cov_coeff)
-
-    def forward(self, batch, step: int = 0, epoch: float = 0.0):
-        g, _ = crop_views(batch, with_local=False)
-        if g.shape[1] != 2: raise ValueError(f"VICReg compares two views, got {g.shape[1]} global crops")
-        h = encode_views(self.encoder, g)
-        z = self.projector(h.flatten(0, 1)).view(*h.shape[:2], -1).float()
-        loss, parts = self.loss(z[:, 0], z[:, 1])
-        return loss, parts, h[:, 0].detach()
 
 class SIGReg(Method):
     "LeJEPA: every crop's projection near the mean of the global crops', plus SIGReg on each view (weight `lam`)."

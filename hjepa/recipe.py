@@ -27,28 +27,22 @@ from .distributed import cleanup_distributed, setup_distributed, wrap_ddp
 from .eval import encoder_kwargs, probe, probe_pixels
 
 # %% auto #0
-__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'build_datasets', 'raw_splits', 'norm_stats', 'build_mask_generator', 'build_model',
+__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator', 'build_model',
            'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs', 'build_loaders',
            'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state', 'prepare_run_dir',
            'default_run_dir', 'run_training', 'probe_report']
 
 # %% ../nbs/15_recipe.ipynb #7e2011c3
-def build_datasets(cfg: Config, stats_samples: int = 512):
-    "Train and test splits of `cfg.data`, fitted to size (normalised by `stats_samples` train images if `normalize`)."
-    d = cfg.data
-    def split(name, tf): return load_dataset(d.dataset, name, root=d.root, download=d.download, transform=tf,
-                                              seed=cfg.train.seed)
-    raw = split('train', image_transform(d.image_size, d.fit, d.channels))
-    if not d.normalize: return raw, split('test', image_transform(d.image_size, d.fit, d.channels))
-    mean, std = norm_stats(cfg, raw, stats_samples)
-    tf = image_transform(d.image_size, d.fit, d.channels, mean, std)
-    return split('train', tf), split('test', tf)
-
-def raw_splits(cfg: Config):
-    "Train and test splits fitted to size, in [0, 1] and not normalised: what multi-crop transforms start from."
-    d, tf = cfg.data, image_transform(cfg.data.image_size, cfg.data.fit, cfg.data.channels)
+def raw_splits(cfg: Config, mean=None, std=None):
+    "Train and test splits fitted to size, in [0, 1] (what multi-crop starts from), or standardised by `mean`, `std`."
+    d, tf = cfg.data, image_transform(cfg.data.image_size, cfg.data.fit, cfg.data.channels, mean, std)
     return tuple(load_dataset(d.dataset, name, root=d.root, download=d.download, transform=tf, seed=cfg.train.seed)
                  for name in ('train', 'test'))
+
+def build_datasets(cfg: Config, stats_samples: int = 512):
+    "Train and test splits of `cfg.data`, fitted to size (normalised by `stats_samples` train images if `normalize`)."
+    raw = raw_splits(cfg)
+    return raw_splits(cfg, *norm_stats(cfg, raw[0], stats_samples)) if cfg.data.normalize else raw
 
 def norm_stats(cfg: Config, raw, stats_samples: int = 512) -> tuple[list[float], list[float]]:
     "Per-channel mean and std of a fixed, seeded sample of `stats_samples` images of the raw train split."
@@ -57,22 +51,28 @@ def norm_stats(cfg: Config, raw, stats_samples: int = 512) -> tuple[list[float],
     xs = torch.stack([raw[int(i)][0] for i in idx])
     return xs.mean(dim=(0, 2, 3)).tolist(), xs.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
+def _mask_kw(cfg: Config) -> dict:
+    "The keywords of `cfg.mask` for a hierarchical mask generator (one `npred` per level)."
+    k, L = cfg.mask, cfg.model.num_levels
+    return dict(num_levels=L, enc_scale=k.enc_scale, pred_scale=k.pred_scale, aspect=k.aspect, min_keep=k.min_keep,
+                npred=list(k.npred) * L if len(k.npred) == 1 else list(k.npred))
+
 def build_mask_generator(cfg: Config) -> HierarchicalMaskGenerator:
     "The hierarchical mask generator of `cfg.mask` on the config's patch grid."
-    grid, L, k = patch_grid(cfg.data.image_size, cfg.model.patch_size), cfg.model.num_levels, cfg.mask
-    npred = list(k.npred) * L if len(k.npred) == 1 else list(k.npred)
-    try:
-        return HierarchicalMaskGenerator(grid=grid, num_levels=L, enc_scale=k.enc_scale, pred_scale=k.pred_scale,
-                                         aspect=k.aspect, npred=npred, min_keep=k.min_keep)
+    try: return HierarchicalMaskGenerator(grid=patch_grid(cfg.data.image_size, cfg.model.patch_size), **_mask_kw(cfg))
     except ValueError as e: raise ConfigError(f"mask: {e}") from None
 
-def build_model(cfg: Config) -> HJEPA:
-    "H-JEPA of preset `cfg.model.preset`, with every field of `cfg.model` that is set overriding the preset."
+def _vit_kw(cfg: Config, img_size: int) -> tuple[dict, dict]:
+    "`(encoder, predictor)` keywords: preset `cfg.model.preset`, every field of `cfg.model` that is set overriding it."
     m = cfg.model
     kw = {k: v for k, v in dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, pred_dim=m.pred_dim,
                                 pred_depth=m.pred_depth).items() if v is not None}
-    return HJEPA.from_preset(m.preset, num_levels=m.num_levels, head=m.head, level_weights=m.level_weights,
-                             img_size=cfg.data.image_size, patch_size=m.patch_size, in_chans=cfg.data.channels, **kw)
+    return _split_preset(m.preset, dict(img_size=img_size, patch_size=m.patch_size, in_chans=cfg.data.channels, **kw))
+
+def build_model(cfg: Config) -> HJEPA:
+    "H-JEPA of preset `cfg.model.preset`, with every field of `cfg.model` that is set overriding the preset."
+    m, (enc_kw, pred_kw) = cfg.model, _vit_kw(cfg, cfg.data.image_size)
+    return HJEPA(ViT(**enc_kw), num_levels=m.num_levels, head=m.head, level_weights=m.level_weights, **pred_kw)
 
 def global_size(cfg: Config) -> int:
     "Side of a global crop: `data.multicrop.global_size`, else `data.image_size`."
@@ -95,24 +95,18 @@ def build_views(cfg: Config, stats: tuple | None = None) -> MultiCropTransform:
 
 def build_crop_masks(cfg: Config) -> MultiCropMaskGenerator:
     "The crop-masking generator of `data.multicrop.strategy`: hierarchical masks of `cfg.mask` on the global crops."
-    c, k, L, p = cfg.data.multicrop, cfg.mask, cfg.model.num_levels, cfg.model.patch_size
-    npred = list(k.npred) * L if len(k.npred) == 1 else list(k.npred)
+    c, p = cfg.data.multicrop, cfg.model.patch_size
     try:
         return MultiCropMaskGenerator(c.strategy, global_grid=patch_grid(global_size(cfg), p),
-                                      local_grid=patch_grid(c.local_size, p), num_global=c.num_global, num_levels=L,
-                                      local_pred_scale=c.local_pred_scale, enc_scale=k.enc_scale,
-                                      pred_scale=k.pred_scale, aspect=k.aspect, npred=npred, min_keep=k.min_keep)
+                                      local_grid=patch_grid(c.local_size, p), num_global=c.num_global,
+                                      local_pred_scale=c.local_pred_scale, **_mask_kw(cfg))
     except ValueError as e: raise ConfigError(f"mask / data.multicrop: {e}") from None
 
 def build_method(cfg: Config) -> Method:
     "The `Method` of `cfg.method.name` on a ViT of `cfg.model`, with the knobs of `cfg.method` (and `cfg.loss`)."
     m, k, name = cfg.model, cfg.method, method_name(cfg)
-    kw = {key: v for key, v in dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, pred_dim=m.pred_dim,
-                                    pred_depth=m.pred_depth).items() if v is not None}
     jepa = name in ('ijepa', 'hjepa')
-    size = cfg.data.image_size if jepa and cfg.data.multicrop.strategy is None else global_size(cfg)
-    enc_kw, pred_kw = _split_preset(m.preset, dict(img_size=size, patch_size=m.patch_size,
-                                                   in_chans=cfg.data.channels, **kw))
+    enc_kw, pred_kw = _vit_kw(cfg, cfg.data.image_size if method_needs(cfg) == 'masks' else global_size(cfg))
     enc = ViT(**enc_kw)
     if jepa:
         return JEPA(enc, num_levels=m.num_levels, head=m.head, level_weights=m.level_weights, loss=build_loss(cfg),
