@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_checkpoint.ipynb #b59b9bef
 from __future__ import annotations
-import contextlib, json, math, os, pickle, random, re, shutil, tempfile, time, warnings
+import contextlib, json, math, os, pickle, random, re, shutil, socket, tempfile, time, warnings
 from pathlib import Path
 from collections import OrderedDict
 from typing import Mapping
@@ -15,8 +15,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['FORMAT', 'VERSION', 'ENCODER_FORMAT', 'rng_state', 'set_rng_state', 'check_weights_only_safe', 'atomic_save',
-           'CheckpointError', 'gather_state', 'restore_state', 'save_checkpoint', 'load_checkpoint', 'keep_steps',
-           'CheckpointManager', 'clean_state_dict', 'export_encoder', 'read_encoder', 'load_encoder']
+           'CheckpointError', 'CheckpointVersionError', 'gather_state', 'restore_state', 'save_checkpoint',
+           'load_checkpoint', 'keep_steps', 'CheckpointManager', 'RunLockedError', 'StaleRunLockError', 'RunLock',
+           'clean_state_dict', 'export_encoder', 'read_encoder', 'load_encoder']
 
 # %% ../nbs/08_checkpoint.ipynb #886feb36
 def rng_state() -> dict:
@@ -95,6 +96,9 @@ FORMAT, VERSION = 'hjepa-checkpoint', 1
 class CheckpointError(RuntimeError):
     "A checkpoint file that exists but cannot be used (truncated, corrupted, foreign or unsafe)."
 
+class CheckpointVersionError(CheckpointError):
+    "A checkpoint written by a newer hjepa (a higher format version): upgrade, never discard it."
+
 def gather_state(**objs) -> dict:
     "`{name: obj.state_dict()}` for objects that have one (model, optimiser, scaler, scheduler), other values as is."
     return {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in objs.items()}
@@ -122,20 +126,22 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu', restore_rng: bo
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        why = [l.strip() for l in str(e).splitlines() if 'Unsupported global' in l]
-        if not why: raise CheckpointError(f"{path} is truncated, corrupted or not a torch file: "
-                                          f"{' '.join(str(e).split())[-120:]}") from e
-        raise CheckpointError(f"{path} holds objects that weights_only=True refuses to load (not written by "
-                              f"hjepa.checkpoint?): {why[0][:200]}") from e
+        # torch words it 'Unsupported global: GLOBAL eval ...' or 'unsupported GLOBAL posix.system whose module ...'
+        glob = re.search(r'unsupported global\W+(?:global\s+)?([\w.]+)', str(e), re.IGNORECASE)
+        if not glob: raise CheckpointError(f"{path} is truncated, corrupted or not a torch file: "
+                                           f"{' '.join(str(e).split())[-120:]}") from e
+        raise CheckpointError(f"{path} is not a plain-tensor checkpoint (it would run code when loaded unsafely); "
+                              f"refusing (it imports {glob.group(1)})") from e
     except Exception as e:
         raise CheckpointError(f"{path} is truncated, corrupted or not a torch file ({path.stat().st_size} bytes): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ck, dict) or ck.get('format') != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not an hjepa checkpoint (no 'format': '{FORMAT}' entry); "
                               f"a bare state dict loads with torch.load(path, weights_only=True)")
-    if ck.get('version', 0) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ck['version']}, newer than this hjepa ({VERSION}): "
-                              "upgrade hjepa")
+    version = ck.get('version', 0)
+    if type(version) is not int or version > VERSION:
+        raise CheckpointVersionError(f"{path} was written by a newer hjepa (format {version!r}, this one reads up to "
+                                     f"{VERSION}): upgrade hjepa to resume it")
     if restore_rng and ck.get('rng'): set_rng_state(ck['rng'])
     return ck
 
@@ -232,20 +238,125 @@ class CheckpointManager:
         return gone
 
     def load_latest(self, map_location='cpu', restore_rng: bool = False) -> dict | None:
-        "The newest checkpoint that loads; corrupt ones are skipped with a warning. None if there is none."
+        "The newest checkpoint that loads (unusable ones set aside with a warning), or None; a newer hjepa's raises."
         self.entries = self._scan()
         for step in sorted(self.entries, reverse=True):
             path = self.path_for(step)
             try: return load_checkpoint(path, map_location, restore_rng)
+            except CheckpointVersionError: raise          # a newer hjepa's work: keep it, never roll back past it
             except (CheckpointError, FileNotFoundError) as e:     # set it aside so later saves do not rank it as newest
-                warnings.warn(f"skipping unusable checkpoint (renamed to {path.name}.corrupt): {e}")
-                with contextlib.suppress(OSError): os.replace(path, path.with_name(path.name + '.corrupt'))
+                aside = next(a for n in range(1, 10_000) if not (a := path.with_name(
+                    f"{path.name}.corrupt{f'-{n}' if n > 1 else ''}")).exists())
+                try: os.replace(path, aside); done = f"renamed it to {aside.name} for inspection"
+                except OSError as err: done = f"could not set it aside ({type(err).__name__}: {err})"
+                warnings.warn(f"{' '.join(str(e).split())}; skipped it, {done}, trying the next older checkpoint")
                 del self.entries[step]; self._write_manifest()
         return None
 
     def __repr__(self):
         return (f"CheckpointManager({self.dir}, {len(self.entries)} checkpoints, "
                 f"latest={self.latest and self.latest.name})")
+
+# %% ../nbs/08_checkpoint.ipynb #133ce009
+class RunLockedError(RuntimeError):
+    "The run folder is locked by another hjepa run: `.path` (the lock file), `.pid` and `.host` of the holder."
+    def __init__(self, msg: str, path: Path | None = None, pid: int | None = None, host: str | None = None):
+        super().__init__(msg); self.path, self.pid, self.host = path, pid, host
+
+class StaleRunLockError(RunLockedError):
+    "The lock file of a run that is no longer running (killed, or its machine rebooted): delete it by hand."
+
+_HELD_LOCKS: set[str] = set()                 # tokens of the locks this process holds
+
+def _proc_start(pid: int) -> float | None:
+    "Start time (epoch seconds) of a process, from /proc (Linux); None where that cannot be read."
+    try:
+        ticks = int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19])   # field 22: starttime
+        btime = next(int(l.split()[1]) for l in Path('/proc/stat').read_text().splitlines() if l.startswith('btime'))
+        return btime + ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError, StopIteration): return None
+
+def _lock_alive(info: dict) -> bool | None:
+    "Whether the run that wrote lock `info` still runs on this host: True, False, or None (cannot tell)."
+    pid = info['pid']
+    if info.get('host') != socket.gethostname(): return None
+    if pid == os.getpid(): return info.get('token') in _HELD_LOCKS   # our pid, but maybe an earlier process's
+    if os.name == 'nt': return None                                  # os.kill(pid, 0) would send Ctrl-C on Windows
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass                                     # alive, another user's
+    except OSError: return None
+    start = _proc_start(pid)                                         # a recycled pid: started after the lock
+    return not (start is not None and start > float(info.get('started', start)) + 2)
+
+def _read_lock(path: Path) -> dict:
+    for _ in range(20):                       # the holder may have created the file and not yet written it
+        text = path.read_text()
+        if text.strip(): break
+        time.sleep(0.05)
+    info = json.loads(text)
+    if not isinstance(info, dict) or type(info.get('pid')) is not int: raise ValueError("no 'pid' entry")
+    return info
+
+class RunLock:
+    "Context manager: hold the exclusive lock file `folder/.hjepa.lock` (pid, host, start time) for a whole run."
+    NAME = '.hjepa.lock'
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder); self.path = self.folder / self.NAME
+        self.info: dict | None = None         # what this lock wrote, while it is held
+
+    def acquire(self) -> RunLock:
+        "Take the lock, or raise `RunLockedError` (`StaleRunLockError` for a dead run's lock) saying who holds it."
+        if self.info is not None: raise RunLockedError(f"this RunLock already holds {self.path}", self.path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.time(),
+                'started_at': time.strftime('%Y-%m-%d %H:%M:%S'), 'token': os.urandom(8).hex()}
+        for _ in range(3):
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try: raise self._refusal(_read_lock(self.path)) from None
+                except FileNotFoundError: continue                   # released just now: try again
+                except (OSError, ValueError) as e:
+                    raise RunLockedError(f"{self.path} exists but cannot be read ({type(e).__name__}: {e}); another "
+                                         f"run may be starting: if no run uses {self.folder}, delete {self.path}",
+                                         self.path) from None
+            try:
+                with os.fdopen(fd, 'w') as f: json.dump(info, f); f.flush(); os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError): os.unlink(self.path)
+                raise
+            self.info = info; _HELD_LOCKS.add(info['token'])
+            return self
+        raise RunLockedError(f"{self.path} keeps appearing and vanishing: several runs are starting in {self.folder}",
+                             self.path)
+
+    def _refusal(self, other: dict) -> RunLockedError:
+        pid, host = other['pid'], other.get('host', '?')
+        who = f"pid {pid} on {host}, started {other.get('started_at', '?')}"
+        alive = _lock_alive(other)
+        if alive is False:
+            return StaleRunLockError(f"{self.path} is a stale lock: its run ({who}) is no longer running. If no "
+                                     f"other run uses {self.folder}, delete {self.path} and start again",
+                                     self.path, pid, host)
+        if alive and pid == os.getpid():
+            return RunLockedError(f"this process (pid {pid}) already holds the lock on {self.folder}: one RunLock per "
+                                  f"run folder at a time", self.path, pid, host)
+        where = "" if alive else " (it may have ended: this host cannot tell)"
+        return RunLockedError(f"another hjepa process ({who}) is using {self.folder}{where}: wait for it to finish or "
+                              f"use another folder; if no run uses it, delete {self.path}", self.path, pid, host)
+
+    def release(self):
+        "Remove the lock file if it is still this lock's (a no-op when not held)."
+        if self.info is None: return
+        try:
+            if _read_lock(self.path).get('token') == self.info['token']: os.unlink(self.path)
+            else: warnings.warn(f"{self.path} was replaced by another run's lock while this run held it: left it")
+        except (OSError, ValueError): pass                           # deleted by hand: nothing to remove
+        finally: _HELD_LOCKS.discard(self.info['token']); self.info = None
+
+    def __enter__(self) -> RunLock: return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __repr__(self): return f"RunLock({self.folder}, {'held' if self.info else 'not held'})"
 
 # %% ../nbs/08_checkpoint.ipynb #1ef204bd
 ENCODER_FORMAT = 'hjepa-encoder'

@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:                   # an unusable checkpoint or a locked run folder: one line too
+        ck = sys.modules.get('hjepa.checkpoint')                 # (imported lazily: the CLI starts without torch)
+        if ck is None or not isinstance(e, (ck.CheckpointError, ck.RunLockedError)): raise
+        print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hjepa {args.command}: interrupted", file=sys.stderr); return 130
 

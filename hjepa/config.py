@@ -184,12 +184,13 @@ class DataConfig:
 @dataclass
 class MaskConfig:
     "Multi-block masks on the patch grid (chapter 01); per-level lists for hierarchical masks."
-    enc_scale: tuple[float, float] = opt((0.85, 1.0), 'area range of the context block, as a fraction of the grid',
+    enc_scale: tuple[float, float] = opt((0.5, 0.7), 'area range of the context block, as a fraction of the grid',
                                          min=0.0, max=1.0)
-    pred_scale: tuple[float, float] = opt((0.15, 0.2), 'area range of each target block', min=0.0, max=1.0)
+    pred_scale: tuple[float, float] = opt((0.25, 0.35), 'area range of each target block', min=0.0, max=1.0)
     aspect: tuple[float, float] = opt((0.75, 1.5), 'aspect-ratio range (h/w) of target blocks', gt=0.0)
-    npred: list[int] = opt([3], 'target blocks per level (one number per level, finest first)', min=1)
-    min_keep: int = opt(16, 'fewest context patches kept per image', min=1)
+    npred: list[int] | None = opt(None, 'target blocks per level (one number per level, finest first, or one for all); '
+                                  'null: follows model.num_levels ([3], [2, 1], [2, 1, 1], ...)', min=1)
+    min_keep: int = opt(8, 'fewest context patches kept per image', min=1)
 
 @dataclass
 class ModelConfig:
@@ -201,8 +202,8 @@ class ModelConfig:
     depth: int | None = opt(None, 'encoder blocks (default: the preset)', min=1)
     num_heads: int | None = opt(None, 'encoder attention heads (default: the preset)', min=1)
     pred_dim: int | None = opt(None, 'predictor width (default: the preset)', min=8)
-    pred_depth: int | None = opt(None, 'predictor blocks (default: the preset)', min=1)
-    num_levels: int = opt(1, 'hierarchy levels: 1 is I-JEPA; level l pools 2^l x 2^l patches', min=1, max=4)
+    pred_depth: int | None = opt(4, 'predictor blocks (null: the preset\'s)', min=1)
+    num_levels: int = opt(2, 'hierarchy levels: 1 is I-JEPA; level l pools 2^l x 2^l patches', min=1, max=4)
     level_weights: list[float] | None = opt(None, 'final loss weight of each level, finest first '
                                             '(null: hjepa.model.default_level_weights(num_levels))', min=0.0)
     head: str = opt('linear', 'per-level projection head on the prediction side', choices=('linear', 'mlp', 'identity'))
@@ -257,7 +258,7 @@ class EMAConfig:
 @dataclass
 class TrainConfig:
     "How long and how (chapter 09)."
-    epochs: int = opt(3, 'passes over the training split', min=1)
+    epochs: int = opt(5, 'passes over the training split', min=1)
     max_steps: int | None = opt(None, 'stop after this many optimiser steps (null: run all epochs); use it for tiny '
                                 'runs and tests', min=1)
     amp: str = opt('auto', "mixed precision: auto (bf16 on CPU, fp16 on CUDA), bf16, fp16 or off",
@@ -283,6 +284,10 @@ class EvalConfig:
     knn_temperature: float = opt(0.07, 'temperature of the k-NN vote weights', gt=0.0)
     pool: str = opt('mean', 'token pooling for probe features: mean, max, mean+max, grid2 (2x2 cells), grid4',
                     choices=('mean', 'max', 'mean+max', 'grid2', 'grid4'))
+    knn_every: int | None = opt(50, 'k-NN probe of held-out images every this many steps during training, logged as '
+                                'probe/knn (metrics.jsonl, curves.png); null: off', min=1)
+    knn_subset: int = opt(500, 'held-out images of the k-NN probe during training (against 2x as many train images)',
+                          min=10)
 
 @dataclass
 class LogConfig:
@@ -317,7 +322,7 @@ def validate(cfg: Config) -> Config:
     if min(grid) >> (m.num_levels - 1) < 1:
         raise ConfigError(f"model.num_levels={m.num_levels}: the {grid[0]}x{grid[1]} patch grid halves to nothing; "
                           f"use at most {int(math.log2(min(grid))) + 1} levels or a bigger image")
-    if len(k.npred) not in (1, m.num_levels):
+    if k.npred is not None and len(k.npred) not in (1, m.num_levels):
         raise ConfigError(f"mask.npred has {len(k.npred)} entries for model.num_levels={m.num_levels}: "
                           f"give one per level (or one for all)")
     if m.level_weights is not None and len(m.level_weights) != m.num_levels:

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .core import one_thread
+from .core import is_main_process, one_thread, unwrap
+from .loop import Callback
 from .checkpoint import FORMAT, clean_state_dict, load_checkpoint, read_encoder
 from .data import load_dataset
 from .encoders import PRESETS, ViT
 
 # %% auto #0
 __all__ = ['POOLS', 'fit_input', 'pool_tokens', 'extract_features', 'pixel_features', 'standardize', 'linear_probe',
-           'knn_predict', 'knn_accuracy', 'probe_features', 'probe', 'probe_pixels', 'encoder_kwargs',
+           'knn_predict', 'knn_accuracy', 'probe_features', 'probe', 'probe_pixels', 'KNNProbe', 'encoder_kwargs',
            'infer_encoder_kwargs', 'load_eval_encoder', 'evaluate_checkpoint']
 
 # %% ../nbs/11_eval.ipynb #1c61ed05
@@ -188,6 +189,42 @@ def probe_pixels(train_ds, test_ds, size: int | None = None, k: int = 20, T: flo
     "The same probes on raw pixels (resized to `size`): the baseline any pretrained encoder should beat."
     Xtr, ytr = pixel_features(train_ds, size); Xte, yte = pixel_features(test_ds, size)
     return probe_features(Xtr, ytr, Xte, yte, k, T, wd, max_iter, knn_standardize, pool='pixels')
+
+# %% ../nbs/11_eval.ipynb #f09a2d88
+class KNNProbe(Callback):
+    """Every `every` optimiser steps (and at the first step of a fresh run), k-NN accuracy of the model's
+    `eval_encoder` on `n_test` held-out images against `n_train` training images; logged as `probe/knn`."""
+    def __init__(self, train_ds, test_ds, every: int = 50, n_train: int = 1000, n_test: int = 500, k: int = 20,
+                 T: float = 0.07, pool: str = 'mean', seed: int = 0):
+        if every < 1: raise ValueError(f"every must be >= 1 (steps between probes), got {every}")
+        g = torch.Generator().manual_seed(seed)                  # a fixed subset: points along the curve are comparable
+        pick = lambda ds, n: (torch.randperm(len(ds), generator=g)[:min(n, len(ds))]).tolist()
+        self.train = _subset(train_ds, pick(train_ds, n_train))
+        self.test = _subset(test_ds, pick(test_ds, n_test))
+        self.every, self.k, self.T, self.pool, self.history = every, k, T, pool, []
+
+    def measure(self, encoder: nn.Module) -> float:
+        "k-NN accuracy of `encoder` on the fixed subsets (RNG-neutral: training continues identically)."
+        with torch.random.fork_rng(devices=[]):
+            Xtr, ytr = extract_features(encoder, self.train, self.pool)
+            Xte, yte = extract_features(encoder, self.test, self.pool)
+        return knn_accuracy(Xtr, ytr, Xte, yte, self.k, self.T)
+
+    def _log(self, trainer):
+        if not is_main_process(): return
+        acc = self.measure(unwrap(trainer.model).eval_encoder)
+        self.history.append((trainer.step, acc))
+        trainer.logger.log({'probe/knn': acc}, trainer.step)
+
+    def before_fit(self, trainer):
+        if trainer.step == 0: self._log(trainer)                  # the random-init point (not again on resume)
+    def after_step(self, trainer, metrics):
+        if trainer.step % self.every == 0: self._log(trainer)
+
+def _subset(ds, idx):
+    "Images and labels of `ds` at `idx` as one `(X, y)` pair of tensors (small: a probe subset)."
+    items = [ds[i] for i in idx]
+    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 # %% ../nbs/11_eval.ipynb #a39da119
 def encoder_kwargs(vit: ViT) -> dict:

@@ -18,8 +18,8 @@ from .blocks import (  # noqa: F401 (re-exported: every function of hjepa.blocks
 _all_ = ['block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches']
 
 # %% auto #0
-__all__ = ['HierarchicalMaskGenerator', 'MultiBlockMaskGenerator', 'preset_8x8', 'MaskCollator', 'show_masks', 'mask_explorer',
-           'block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches']
+__all__ = ['HierarchicalMaskGenerator', 'MultiBlockMaskGenerator', 'default_npred', 'preset_8x8', 'MaskCollator', 'show_masks',
+           'mask_explorer', 'block_size', 'block_indices', 'block_corners', 'apply_masks', 'level_to_patches']
 
 # %% ../nbs/01_masking.ipynb #9b6f3f22
 def _per_level(v, n: int, name: str, nested: bool) -> list:
@@ -185,14 +185,18 @@ class MultiBlockMaskGenerator(HierarchicalMaskGenerator):
         return masks_ctx, masks_tgt[0]
 
 # %% ../nbs/01_masking.ipynb #3afbac06
+def default_npred(num_levels: int) -> list[int]:
+    "Target blocks per level when none are given: `[3]`, `[2, 1]`, `[2, 1, 1]`, then one block per extra level."
+    L = check_count('num_levels', num_levels, 1)
+    return [3] if L == 1 else [2] + [1] * (L - 1)
+
 def preset_8x8(num_levels: int = 1) -> dict:
     "Mask settings for an 8×8 patch grid (32 px images, 4 px patches), the course's CPU setting; pass to a generator."
-    npred = {1: 3, 2: (3, 1), 3: (2, 1, 1)}
-    if num_levels not in npred:
+    if num_levels not in (1, 2, 3):
         raise ValueError(f"preset_8x8 has settings for 1, 2 or 3 levels (an 8×8 grid pools to 1×1 after 3), "
                          f"got {num_levels}")
     return dict(grid=(8, 8), enc_scale=(0.85, 1.0), pred_scale=(0.15, 0.2), aspect=(0.75, 1.5),
-                npred=npred[num_levels], min_keep=16)
+                npred=default_npred(num_levels), min_keep=16)
 
 # %% ../nbs/01_masking.ipynb #8e5d0da0
 class MaskCollator:

@@ -225,7 +225,7 @@ def make_logger(out_dir: str | os.PathLike | None = None, enabled: bool = True, 
         WandbLogger(**{'dir': out, **(wandb_kwargs or {})}) if wandb else None)
 
 # %% ../nbs/07_monitor.ipynb #1829a86d
-DEFAULT_PLOT_KEYS = ('loss', 'val/loss', 'lr', 'momentum', 'wd', 'feat_std', 'eff_rank', 'grad_norm/total')
+DEFAULT_PLOT_KEYS = ('loss', 'val/loss', 'probe/knn', 'eff_rank', 'feat_std', 'lr', 'momentum', 'wd', 'grad_norm/total')
 
 def plot_metrics(source: str | os.PathLike | Sequence[Mapping], keys: Iterable[str] | None = None,
                  out: str | os.PathLike | None = None, ncols: int = 3):

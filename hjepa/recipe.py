@@ -12,7 +12,7 @@ import torch
 from .config import Config, ConfigError, method_name, save_config, to_dict
 from .core import unwrap
 from .data import build_loader, image_transform, load_dataset, patch_grid
-from .masking import HierarchicalMaskGenerator, MaskCollator
+from .masking import HierarchicalMaskGenerator, MaskCollator, default_npred
 from .multicrop import AdaptiveMultiCropTransform, MultiCropCollate, MultiCropDataset, MultiCropMaskGenerator
 from .multicrop import MultiCropTransform
 from .model import HJEPA
@@ -21,10 +21,10 @@ from .methods import DINO, JEPA, METHODS, SIGReg, SimCLR, VICReg, Method
 from .losses import CombinedLoss, JEPALoss
 from .schedulers import LevelWeightSchedule
 from .monitor import make_logger
-from .checkpoint import export_encoder
+from .checkpoint import RunLock, export_encoder
 from .trainer import Trainer, amp_dtype, seed_everything, total_steps
 from .distributed import cleanup_distributed, setup_distributed, wrap_ddp
-from .eval import encoder_kwargs, probe, probe_pixels
+from .eval import KNNProbe, encoder_kwargs, probe, probe_pixels
 
 # %% auto #0
 __all__ = ['TRAINER_ARGS', 'RUN_FILES', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator', 'build_model',
@@ -55,7 +55,7 @@ def _mask_kw(cfg: Config) -> dict:
     "The keywords of `cfg.mask` for a hierarchical mask generator (one `npred` per level)."
     k, L = cfg.mask, cfg.model.num_levels
     return dict(num_levels=L, enc_scale=k.enc_scale, pred_scale=k.pred_scale, aspect=k.aspect, min_keep=k.min_keep,
-                npred=list(k.npred) * L if len(k.npred) == 1 else list(k.npred))
+                npred=default_npred(L) if k.npred is None else list(k.npred) * (L if len(k.npred) == 1 else 1))
 
 def build_mask_generator(cfg: Config) -> HierarchicalMaskGenerator:
     "The hierarchical mask generator of `cfg.mask` on the config's patch grid."
@@ -205,8 +205,8 @@ def run_state(out: str | os.PathLike) -> str:
     training), `'run'` (a `config.yaml` with `metrics.jsonl` or `checkpoints/`: recognisably an hjepa run), or
     `'other'` (anything else: not ours)."""
     out = Path(out)
-    if not out.is_dir() or not any(out.iterdir()): return 'empty'
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {RunLock.NAME} if out.is_dir() else set()   # the lock is not content
+    if not names: return 'empty'
     if names == {'config.yaml'}: return 'failed_start'
     if 'config.yaml' in names and names & {'metrics.jsonl', 'checkpoints'}: return 'run'
     return 'other'
@@ -224,7 +224,7 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: boo
                               f"there")
         return out
     if state == 'other':
-        mine = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+        mine = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES + (RunLock.NAME,))
         shown = ', '.join(mine[:4]) + (', ...' if len(mine) > 4 else '')
         why = " (--overwrite replaces only a run folder)" if overwrite else ''
         raise ConfigError(f"--out {out} holds files that are not an hjepa run ({shown}) and was left untouched: "
@@ -250,13 +250,16 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
                  verbose: bool = True) -> dict:
     "Pretrain `cfg.method` as `cfg` says, then probe it; writes the run folder (rank 0) and returns `results.json`."
     info = setup_distributed(device=None if cfg.train.device == 'auto' else resolve_device(cfg.train.device))
-    main = info.rank == 0
+    main, lock = info.rank == 0, None
     try:
         if out is not None and not str(out).strip():           # Path('') would be the current folder
             raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
         out = Path(out) if out is not None else default_run_dir(cfg)
         amp_dtype(cfg.train.amp, info.device)                   # fails here, before any file exists (fp16 on a CPU)
-        if main: out = prepare_run_dir(out, resume, overwrite); save_config(cfg, out / 'config.yaml')
+        if main:                                                # one process per run folder: the lock, then the checks
+            if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
+            lock = RunLock(out).acquire()
+            out = prepare_run_dir(out, resume, overwrite); save_config(cfg, out / 'config.yaml')
         if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         # 1. data: the probe's splits, and the batches the method needs (masks or crops made in the collate)
@@ -269,6 +272,11 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         # 3. the loop (chapter 09), writing and logging on rank 0 only
         trainer = build_trainer(cfg, ddp_model, train_dl, val_loader=val_dl, out_dir=out if main else None,
                                 device=info.device)
+        if main and cfg.eval.knn_every:                            # learning, visible in the curves as it happens
+            n = cfg.eval.knn_subset
+            trainer.callbacks.append(KNNProbe(train_ds, test_ds, every=cfg.eval.knn_every, n_train=2 * n, n_test=n,
+                                              k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, pool=cfg.eval.pool,
+                                              seed=cfg.train.seed))
         if resume: trainer.resume()
         summary = trainer.fit()
         if not main: return summary
@@ -291,7 +299,9 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         (out / 'results.json').write_text(json.dumps(results, indent=1))
         results['run_dir'] = str(out)
         return results
-    finally: cleanup_distributed()
+    finally:
+        if lock is not None: lock.release()
+        cleanup_distributed()
 
 def _save_plots(out: Path):
     import matplotlib; matplotlib.use('Agg', force=False)

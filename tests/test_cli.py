@@ -4,7 +4,8 @@ import json, os, subprocess, sys
 import pytest
 
 TINY = ['--set', 'data.dataset=digits', '--set', 'train.max_steps=12', '--set', 'train.ckpt_every=6',
-        '--set', 'data.batch_size=32', '--set', 'train.log_every=3', '--set', 'train.collapse_every=6']
+        '--set', 'data.batch_size=32', '--set', 'train.log_every=3', '--set', 'train.collapse_every=6',
+        '--set', 'eval.knn_every=4']
 
 
 def hjepa(*args, cwd):
@@ -38,6 +39,11 @@ def test_train_subprocess_writes_the_run_folder(tmp_path):
     more = hjepa('train', '--out', run, '--resume', *TINY, '--set', 'train.max_steps=18', cwd=tmp_path)  # last wins
     assert more.returncode == 0, more.stderr[-3000:]
     assert json.loads((run / 'results.json').read_text())['steps'] == 18
+    # the k-NN probe curve: random init at step 0, then every 4 steps, continued (not restarted) by the resume
+    recs = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    knn = [(r['step'], r['probe/knn']) for r in recs if 'probe/knn' in r]
+    assert [s for s, _ in knn] == [0, 4, 8, 12, 16], knn
+    assert all(0 <= a <= 1 for _, a in knn) and len({a for _, a in knn}) > 1    # measured, not a constant
 
     # probe a finished run
     pr = hjepa('probe', run, cwd=tmp_path)
@@ -184,9 +190,15 @@ def test_an_interrupted_run_exits_nonzero_skips_the_probe_and_says_how_to_contin
     while not (run / 'metrics.jsonl').exists() or len((run / 'metrics.jsonl').read_text().splitlines()) < 3:
         assert pr.poll() is None and time.time() - t0 < 240, "the run ended or never logged"
         time.sleep(0.3)
+    # issue 11.2: while it runs, a second `hjepa train` (or `--resume`) on the same folder is refused by the lock
+    for extra in ([], ['--resume']):
+        second = hjepa('train', '--out', run, *TWO_STEPS, *extra, cwd=tmp_path)
+        assert second.returncode == 2 and f'pid {pr.pid}' in second.stderr and 'Traceback' not in second.stderr, \
+            second.stderr[-2000:]
     pr.send_signal(getattr(signal, sig))
     out, err = pr.communicate(timeout=240)
     assert pr.returncode == code, (pr.returncode, err[-2000:])
+    assert not (run / '.hjepa.lock').exists()                              # released on the way out
     assert f'hjepa train --out {run} --resume' in err and 'trainer.resume' not in err, err[-2000:]
     res = json.loads((run / 'results.json').read_text())
     assert res['status'] == 'interrupted' and 'probe_pretrained' not in res and 'held-out accuracy' not in out

@@ -8,6 +8,7 @@ list cannot go stale).
 import dataclasses, inspect, re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hjepa.config import DATASET_NAMES, PRESET_NAMES, Config, ModelConfig, load_config, to_dict
@@ -17,7 +18,7 @@ from hjepa.trainer import Trainer
 ROOT = Path(__file__).resolve().parent.parent
 
 BY_DESIGN = {
-    'train.epochs': "Trainer has no length of its own (pass max_steps= or epochs=); the bundled recipe trains 3 epochs",
+    'train.epochs': "Trainer has no length of its own (pass max_steps= or epochs=); the bundled recipe trains 5 epochs",
     'train.ckpt_every': "the library writes periodic checkpoints only when asked (None: at the end); "
                         "hjepa train keeps one every 200 steps so that a long run can resume",
 }
@@ -94,3 +95,26 @@ def test_level_weights_help_names_the_one_source():
     assert 'default_level_weights' in text and not re.search(r'\d\.\d', text), \
         f"the help restates numbers that can drift from hjepa.model.default_level_weights: {text!r}"
     assert len(default_level_weights(3)) == 3
+
+
+def test_the_bundled_job_is_hjepa_with_at_least_two_levels():
+    from hjepa.config import method_name
+    cfg = load_config()
+    assert cfg.model.num_levels >= 2 and method_name(cfg) == 'hjepa'
+    assert cfg.eval.knn_every, "the bundled job shows its k-NN probe curve"
+
+
+@pytest.mark.parametrize('levels', [1, 2, 3])
+def test_mask_defaults_follow_the_number_of_levels(levels):
+    import torch
+    from hjepa.masking import default_npred
+    from hjepa.recipe import build_mask_generator
+    cfg = load_config(overrides=[f'model.num_levels={levels}'])          # nothing else touched
+    mg = build_mask_generator(cfg)
+    assert mg.num_levels == levels and mg.npred == default_npred(levels)
+    ctx, tgts = mg(64, torch.Generator().manual_seed(0))
+    assert len(tgts) == levels and ctx.shape[1] >= cfg.mask.min_keep
+    assert mg.last_stats['relaxed'] == 0                                    # no sample had to give up min_keep
+    # the old rule (the same npred at every level) is what failed at three levels
+    with pytest.raises(Exception, match='min_keep'):
+        build_mask_generator(load_config(overrides=['model.num_levels=3', 'mask.npred=[3]']))

@@ -134,3 +134,59 @@ def test_checkers_export_no_library_name():
         assert not leaked, f"{m} exports {leaked}: make them private"
         clash = sorted({k.removeprefix(m + '.') for k in syms} & lib)
         assert not clash, f"{m} defines {clash}, which the library defines too: the site would link them to the checker"
+
+
+def _frozen_clock(monkeypatch):
+    "Every backup stamp falls in the same second, as when --force is run twice in a row."
+    import hjepa.labs
+    monkeypatch.setattr(hjepa.labs.time, 'strftime', lambda fmt, *a: '20250101-120000')
+
+
+@pytest.mark.parametrize('links', [True, False], ids=['hard-links', 'no-hard-links'])
+def test_force_twice_in_one_second_keeps_every_version(tmp_path, monkeypatch, links):
+    "Edit, --force, edit, --force ... within one second (library and CLI): each edited version is its own backup."
+    import os
+    from hjepa.cli import main
+    _frozen_clock(monkeypatch)
+    if not links:                                              # a file system without hard links (FAT, some shares)
+        def no_link(*a, **k): raise PermissionError(1, 'Operation not permitted (injected)')
+        monkeypatch.setattr(os, 'link', no_link)
+    out = write_student_lab('00', tmp_path)
+    fresh = out.read_bytes()
+    edits = [f'my work, version {i}\r\n'.encode() + bytes(range(256)) for i in range(5)]
+    for i, edit in enumerate(edits):
+        out.write_bytes(edit)
+        if i % 2: assert main(['lab', '00', '--dest', str(tmp_path), '--force']) == 0
+        else: write_student_lab('00', tmp_path, force=True)
+        assert out.read_bytes() == fresh, "--force did not write a fresh student notebook"
+    backups = sorted(tmp_path.glob(f'{out.stem}.backup-*{out.suffix}'))
+    assert len(backups) == len(edits), [b.name for b in backups]
+    assert sorted(b.read_bytes() for b in backups) == sorted(edits)          # bit for bit, none overwritten
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_concurrent_force_never_loses_the_notebook_or_a_backup(tmp_path, monkeypatch):
+    "Six threads run --force at once next to an older backup: no error, no backup replaced, the edit survives."
+    import threading
+    _frozen_clock(monkeypatch)
+    out = write_student_lab('00', tmp_path)
+    fresh = out.read_bytes()
+    old = out.with_name(f'{out.stem}.backup-20250101-120000{out.suffix}')
+    old.write_bytes(b'an older backup')
+    out.write_bytes(b'the edit')
+    n, errors, go = 6, [], threading.Barrier(6)
+
+    def force():
+        go.wait()
+        try: write_student_lab('00', tmp_path, force=True)
+        except BaseException as e: errors.append(e)
+
+    threads = [threading.Thread(target=force) for _ in range(n)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert not errors, errors
+    assert old.read_bytes() == b'an older backup'
+    backups = [b.read_bytes() for b in tmp_path.glob(f'{out.stem}.backup-*{out.suffix}')]
+    assert len(backups) == n + 1                               # the old one + one per --force (out always existed)
+    assert b'the edit' in backups and set(backups) <= {b'the edit', b'an older backup', fresh}
+    assert out.read_bytes() == fresh

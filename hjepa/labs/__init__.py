@@ -4,7 +4,7 @@
 
 # %% ../../nbs/checks/00_exercises.ipynb #46ef5695
 from __future__ import annotations
-import ast, importlib, json, pkgutil, re, shutil, time, traceback
+import ast, importlib, itertools, json, os, pkgutil, re, shutil, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -183,11 +183,31 @@ def write_student_lab(lab: str, dest: str | Path = '.', force: bool = False) -> 
             raise FileExistsError(f"{out} already exists and was left untouched (your work is safe). Open it, or pass "
                                   f"--force to keep it as a backup and write "
                                   f"a fresh copy, or --dest to write elsewhere.")
-        backup = out.with_name(f"{out.stem}.backup-{time.strftime('%Y%m%d-%H%M%S')}.ipynb")
-        shutil.move(out, backup)
+        _backup(out)
     nb = make_student(json.loads((lab_dir() / fname).read_text(encoding='utf-8')))
-    out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+    tmp = dest / f'.{fname}.{os.getpid()}-{os.urandom(4).hex()}.tmp'
+    try:
+        with open(tmp, 'x', encoding='utf-8') as f: f.write(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+        os.replace(tmp, out)                        # atomic: `out` is the old notebook or the new one, never missing
+    except BaseException:
+        if os.path.exists(tmp): os.unlink(tmp)
+        raise
     return out
+
+def _backup(path: Path) -> Path | None:
+    "Keep `path` as `<stem>.backup-<time>[-N].ipynb` under a name no file had: an existing backup is never replaced."
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in itertools.count(1):
+        cand = path.with_name(f"{path.stem}.backup-{stamp}{f'-{n}' if n > 1 else ''}{path.suffix}")
+        try: os.link(path, cand)                    # claims `cand` atomically: fails if it exists
+        except FileExistsError: continue
+        except FileNotFoundError: return None       # `path` is gone: nothing to keep
+        except OSError:                             # no hard links on this file system: exclusive-create a copy
+            try:
+                with open(path, 'rb') as src, open(cand, 'xb') as dst: shutil.copyfileobj(src, dst)
+            except FileExistsError: continue
+            shutil.copystat(path, cand)
+        return cand
 
 # %% ../../nbs/checks/00_exercises.ipynb #8ec49b2f
 def run_cells(nb: dict, cwd: str | Path | None = None) -> list[tuple[int, str, BaseException | None]]:
