@@ -27,10 +27,10 @@ from .distributed import cleanup_distributed, setup_distributed, wrap_ddp
 from .eval import KNNProbe, encoder_kwargs, probe, probe_pixels
 
 # %% auto #0
-__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator', 'build_model',
-           'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs', 'build_loaders',
-           'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state', 'prepare_run_dir',
-           'default_run_dir', 'run_training', 'probe_report']
+__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'RESUME_FIXED', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator',
+           'build_model', 'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs',
+           'build_loaders', 'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state',
+           'prepare_run_dir', 'resume_changes', 'default_run_dir', 'run_training', 'probe_report']
 
 # %% ../nbs/15_recipe.ipynb #7e2011c3
 def raw_splits(cfg: Config, mean=None, std=None):
@@ -241,6 +241,29 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: boo
     out.mkdir(parents=True, exist_ok=True)
     return out
 
+RESUME_FIXED = ('model.', 'method.', 'data.dataset', 'data.root', 'data.image_size', 'data.fit', 'data.normalize',
+                'data.channels', 'data.batch_size', 'data.multicrop.')   # what the checkpoint's weights/steps assume
+
+def _flat(d: dict, prefix: str = '') -> dict:
+    return {k2: v2 for k, v in d.items()
+            for k2, v2 in (_flat(v, f'{prefix}{k}.').items() if isinstance(v, dict) else [(f'{prefix}{k}', v)])}
+
+def resume_changes(run_config: str | os.PathLike, cfg: Config) -> dict:
+    """The keys in which `cfg` differs from the run's saved `config.yaml`, as `{key: (old, new)}`; raises `ConfigError`
+    naming them if any is one the checkpoint depends on (`RESUME_FIXED`: the model, the method, the data and batch)."""
+    import yaml
+    path = Path(run_config)
+    if not path.is_file(): return {}
+    old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(cfg))
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    fixed = [k for k in diff if any(k == f or (f.endswith('.') and k.startswith(f)) for f in RESUME_FIXED)]
+    if fixed:
+        shown = ', '.join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed[:4])
+        if len(fixed) > 4: shown += ' ...'
+        raise ConfigError(f"--resume: {path.parent} was trained with other settings that its checkpoint depends on "
+                          f"({shown}); drop those --set options to continue it, or start a new --out")
+    return diff
+
 def default_run_dir(cfg: Config) -> Path:
     "runs/<dataset>-<date>-<time>, a fresh folder for each run."
     return Path('runs') / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -250,7 +273,7 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
                  verbose: bool = True) -> dict:
     "Pretrain `cfg.method` as `cfg` says, then probe it; writes the run folder (rank 0) and returns `results.json`."
     info = setup_distributed(device=None if cfg.train.device == 'auto' else resolve_device(cfg.train.device))
-    main, lock = info.rank == 0, None
+    main, lock, changes = info.rank == 0, None, {}
     try:
         if out is not None and not str(out).strip():           # Path('') would be the current folder
             raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
@@ -259,7 +282,11 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         if main:                                                # one process per run folder: the lock, then the checks
             if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
             lock = RunLock(out).acquire()
-            out = prepare_run_dir(out, resume, overwrite); save_config(cfg, out / 'config.yaml')
+            out = prepare_run_dir(out, resume, overwrite)
+            changes = resume_changes(out / 'config.yaml', cfg) if resume else {}   # checked before anything is written
+            for k, (was, now) in changes.items():
+                if verbose: print(f"resuming with {k}: {was!r} -> {now!r}")
+            save_config(cfg, out / 'config.yaml')
         if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         # 1. data: the probe's splits, and the batches the method needs (masks or crops made in the collate)
@@ -289,7 +316,8 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         results = {'method': method_name(cfg), 'steps': summary['steps'], 'epochs': summary['epochs'],
                    'wall_s': round(summary['wall_s'], 1), 'img_per_s': round(summary['img_per_s'], 1),
                    'stop_reason': summary['stop_reason'], 'nan_skipped': summary['nan_skipped'],
-                   'val_loss': summary.get('val/loss')}
+                   'val_loss': summary.get('val/loss'),
+                   'resume_changes': {k: list(v) for k, v in changes.items()} if resume else None}
         reason = summary['stop_reason'] or ''
         # an interrupted or diverged run is not finished: no probe; the command line exits non-zero
         results['status'] = ('interrupted' if reason.startswith('interrupted') else

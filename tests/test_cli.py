@@ -35,10 +35,19 @@ def test_train_subprocess_writes_the_run_folder(tmp_path):
     assert again.returncode == 2 and 'left untouched' in again.stderr
     assert json.loads((run / 'results.json').read_text()) == res
 
+    # issue 11.4: a resume that changes what the checkpoint depends on is refused before anything is written
+    saved = (run / 'config.yaml').read_text()
+    for bad, key in ((['--set', 'model.embed_dim=128'], 'model.embed_dim'), (['--set', 'data.batch_size=16'],
+                                                                               'data.batch_size')):
+        r2 = hjepa('train', '--out', run, '--resume', *TINY, *bad, cwd=tmp_path)
+        assert r2.returncode == 2 and key in r2.stderr and 'Traceback' not in r2.stderr, r2.stderr[-2000:]
+        assert (run / 'config.yaml').read_text() == saved and not (run / '.hjepa.lock').exists()
     # resume continues from the checkpoint to a later max_steps
     more = hjepa('train', '--out', run, '--resume', *TINY, '--set', 'train.max_steps=18', cwd=tmp_path)  # last wins
     assert more.returncode == 0, more.stderr[-3000:]
     assert json.loads((run / 'results.json').read_text())['steps'] == 18
+    assert json.loads((run / 'results.json').read_text())['resume_changes'] == {'train.max_steps': [12, 18]}
+    assert 'resuming with train.max_steps: 12 -> 18' in more.stdout
     # the k-NN probe curve: random init at step 0, then every 4 steps, continued (not restarted) by the resume
     recs = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     knn = [(r['step'], r['probe/knn']) for r in recs if 'probe/knn' in r]
