@@ -35,6 +35,16 @@ RUNS = {   # name: (config, overrides)
 def cpu_s() -> float: return time.process_time()
 
 
+def steps_in_budget(cfg, method, loader, budget: float, threads: int = 1) -> int:
+    "Optimiser steps that fit `budget` CPU-seconds per thread, timed on a copy of `method` (4 steps after a warm-up)."
+    from hjepa.monitor import MultiLogger
+    from hjepa.recipe import build_trainer
+    cal = build_trainer(cfg, copy.deepcopy(method), loader, logger=MultiLogger())
+    cal.train_step(); t = cpu_s()
+    for _ in range(4): cal.train_step()
+    return max(8, int(budget / ((cpu_s() - t) / 4 / threads)))
+
+
 def child(name: str, budget: float, threads: int, probes: int, out: Path):
     import torch
     from hjepa.config import load_config
@@ -59,12 +69,7 @@ def child(name: str, budget: float, threads: int, probes: int, out: Path):
                 'eff_rank': float(effective_rank(Xte - Xte.mean(0)))}      # of the centred test features
 
     # calibration: CPU seconds per step on a copy (its RNG use is undone by reseeding below)
-    cal = build_trainer(cfg, copy.deepcopy(method), train_dl, logger=MultiLogger())
-    cal.train_step(); t = cpu_s()
-    for _ in range(4): cal.train_step()
-    per_step = (cpu_s() - t) / 4 / threads
-    steps = max(8, int(budget / per_step))
-    del cal
+    steps = steps_in_budget(cfg, method, train_dl, budget, threads)
     method.load_state_dict(init); seed_everything(cfg.train.seed)
     train_dl, _ = build_loaders(cfg, method_needs(cfg), train_ds, test_ds)
     cfg.train.max_steps = steps

@@ -11,7 +11,7 @@ protocol of `hjepa train`), 2x2-grid-pooled tokens and mean+max, and the context
 to benchmarks/results/recipe.{json,md}; chapter 13 shows it. `--only` re-runs some rows and keeps the others.
 """
 from __future__ import annotations
-import argparse, copy, json, os, platform, subprocess, sys, time
+import argparse, json, os, platform, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ RUNS = {   # name: (search dimension, config, overrides, budget factor); 'defaul
 POOLS = ('mean', 'grid2', 'mean+max')
 
 
-def cpu_s() -> float: return time.process_time()
+from methods import cpu_s, steps_in_budget   # noqa: E402 (benchmarks/ is on sys.path when a script of it runs)
 
 
 def child(name: str, budget: float, out: Path):
@@ -69,12 +69,7 @@ def child(name: str, budget: float, out: Path):
         seed_everything(cfg.train.seed)
         dl, _ = build_loaders(cfg, method_needs(cfg), train_ds, test_ds)
         return build_method(cfg), dl
-    method, dl = fresh()                                                    # calibration: CPU-s per step, on a copy
-    cal = build_trainer(cfg, copy.deepcopy(method), dl, logger=MultiLogger())
-    cal.train_step(); t = cpu_s()
-    for _ in range(4): cal.train_step()
-    cfg.train.max_steps = max(8, int(budget / ((cpu_s() - t) / 4)))
-    del cal
+    cfg.train.max_steps = steps_in_budget(cfg, *fresh(), budget)          # calibrated on a copy, then from scratch
     method, dl = fresh()
 
     class Budget(Callback):

@@ -29,7 +29,7 @@ from .eval import KNNProbe, encoder_kwargs, probe, probe_pixels
 # %% auto #0
 __all__ = ['TRAINER_ARGS', 'RUN_FILES', 'RESUME_FIXED', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator',
            'build_model', 'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs',
-           'build_loaders', 'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state',
+           'build_loaders', 'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state', 'out_path',
            'prepare_run_dir', 'resume_changes', 'default_run_dir', 'run_training', 'probe_report']
 
 # %% ../nbs/15_recipe.ipynb #7e2011c3
@@ -211,12 +211,17 @@ def run_state(out: str | os.PathLike) -> str:
     if 'config.yaml' in names and names & {'metrics.jsonl', 'checkpoints'}: return 'run'
     return 'other'
 
-def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create the run folder. A run is kept unless `resume` (continue it) or `overwrite` (replace the run's own files,
-    nothing else); a folder that is not an hjepa run is never touched, with or without `overwrite`."""
+def out_path(out: str | os.PathLike) -> Path:
+    "`--out` as a folder path, or a `ConfigError` if it is empty (`Path('')` is the current folder) or a file."
     if str(out).strip() == '': raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
+    return out
+
+def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create the run folder. A run is kept unless `resume` (continue it) or `overwrite` (replace the run's own files,
+    nothing else); a folder that is not an hjepa run is never touched, with or without `overwrite`."""
+    out = out_path(out)
     state = run_state(out)
     if resume:
         if not (out / 'checkpoints').is_dir() or not any((out / 'checkpoints').glob('*.pt')):
@@ -275,12 +280,9 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
     info = setup_distributed(device=None if cfg.train.device == 'auto' else resolve_device(cfg.train.device))
     main, lock, changes = info.rank == 0, None, {}
     try:
-        if out is not None and not str(out).strip():           # Path('') would be the current folder
-            raise ConfigError("--out is empty: pass a folder name, e.g. --out runs/first")
-        out = Path(out) if out is not None else default_run_dir(cfg)
+        out = out_path(out) if out is not None else default_run_dir(cfg)
         amp_dtype(cfg.train.amp, info.device)                   # fails here, before any file exists (fp16 on a CPU)
         if main:                                                # one process per run folder: the lock, then the checks
-            if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
             lock = RunLock(out).acquire()
             out = prepare_run_dir(out, resume, overwrite)
             changes = resume_changes(out / 'config.yaml', cfg) if resume else {}   # checked before anything is written
