@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_checkpoint.ipynb #b59b9bef
 from __future__ import annotations
-import contextlib, json, math, os, pickle, random, re, shutil, socket, tempfile, time, warnings
+import contextlib, errno, json, math, os, pickle, random, re, shutil, socket, tempfile, time, warnings
 from pathlib import Path
 from collections import OrderedDict
 from typing import Mapping
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['FORMAT', 'VERSION', 'ENCODER_FORMAT', 'rng_state', 'set_rng_state', 'check_weights_only_safe', 'atomic_save',
-           'CheckpointError', 'CheckpointVersionError', 'gather_state', 'restore_state', 'save_checkpoint',
-           'load_checkpoint', 'keep_steps', 'CheckpointManager', 'RunLockedError', 'StaleRunLockError', 'RunLock',
-           'clean_state_dict', 'export_encoder', 'read_encoder', 'load_encoder']
+__all__ = ['FORMAT', 'VERSION', 'ENCODER_FORMAT', 'rng_state', 'set_rng_state', 'check_weights_only_safe', 'CheckpointWriteError',
+           'atomic_save', 'CheckpointError', 'CheckpointVersionError', 'gather_state', 'restore_state',
+           'save_checkpoint', 'load_weights', 'load_checkpoint', 'keep_steps', 'CheckpointManager', 'RunLockedError',
+           'StaleRunLockError', 'RunLock', 'clean_state_dict', 'export_encoder', 'read_encoder', 'load_encoder']
 
 # %% ../nbs/08_checkpoint.ipynb #886feb36
 def rng_state() -> dict:
@@ -76,16 +76,30 @@ def _fsync_dir(d: Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
+class CheckpointWriteError(OSError):
+    "A file that could not be written (a full disk, a read-only folder): the old file, if any, is untouched."
+
+def _write_failure(path: Path, e: BaseException) -> CheckpointWriteError:
+    msg = ' '.join(str(e).split())
+    full = getattr(e, 'errno', None) == errno.ENOSPC or 'unexpected pos' in msg or 'write failed' in msg
+    why = ('the disk is full: free some space' if full else
+           f'{path.parent} is not writable: fix its permissions or choose another folder'
+           if isinstance(e, PermissionError) else f'{type(e).__name__}: {msg[-160:]}')
+    return CheckpointWriteError(f"could not write {path} ({why}); the previous file, if any, is unchanged")
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     "`torch.save` to a temp file in the same folder, fsync, then `os.replace` onto `path`: all or nothing."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointWriteError): raise _write_failure(path, e) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -110,21 +124,21 @@ def restore_state(state: Mapping, **objs):
         obj.load_state_dict(state[k])
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping, step: int, metrics: Mapping | None = None,
-                    rng: bool = True) -> Path:
-    "Atomically write `state` (weights_only-safe) with the step, metrics, format tag and (by default) all RNG states."
+                    rng: bool | Mapping = True) -> Path:
+    "Atomically write `state` (weights_only-safe) with the step, metrics, format tag and RNG states (now's, or `rng`)."
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict of state dicts, got {type(state).__name__}")
     metrics = {k: (v.item() if hasattr(v, 'item') else v) for k, v in (metrics or {}).items()}
     payload = {'format': FORMAT, 'version': VERSION, 'step': int(step), 'time': time.time(),
-               'metrics': metrics, 'rng': rng_state() if rng else None, 'state': dict(state)}
+               'metrics': metrics, 'rng': dict(rng) if isinstance(rng, Mapping) else rng_state() if rng else None,
+               'state': dict(state)}
     check_weights_only_safe(payload, 'checkpoint')
     return atomic_save(payload, path)
 
-def load_checkpoint(path: str | os.PathLike, map_location='cpu', restore_rng: bool = False) -> dict:
-    "Load with `weights_only=True`; a truncated, foreign or unsafe file raises a `CheckpointError` naming it."
+def load_weights(path: str | os.PathLike, map_location='cpu'):
+    "`torch.load(path, weights_only=True)`; any file it cannot read raises one `CheckpointError` that names it."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    try: return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch words it 'Unsupported global: GLOBAL eval ...' or 'unsupported GLOBAL posix.system whose module ...'
         glob = re.search(r'unsupported global\W+(?:global\s+)?([\w.]+)', str(e), re.IGNORECASE)
@@ -132,9 +146,16 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu', restore_rng: bo
                                            f"{' '.join(str(e).split())[-120:]}") from e
         raise CheckpointError(f"{path} is not a plain-tensor checkpoint (it would run code when loaded unsafely); "
                               f"refusing (it imports {glob.group(1)})") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError): raise
     except Exception as e:
         raise CheckpointError(f"{path} is truncated, corrupted or not a torch file ({path.stat().st_size} bytes): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no data'}") from e
+
+def load_checkpoint(path: str | os.PathLike, map_location='cpu', restore_rng: bool = False) -> dict:
+    "Load with `weights_only=True`; a truncated, foreign or unsafe file raises a `CheckpointError` naming it."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ck = load_weights(path, map_location)
     if not isinstance(ck, dict) or ck.get('format') != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not an hjepa checkpoint (no 'format': '{FORMAT}' entry); "
                               f"a bare state dict loads with torch.load(path, weights_only=True)")
@@ -213,12 +234,13 @@ class CheckpointManager:
         top = keep_steps(self.entries, keep_last=0, keep_best=1, metric=self.metric, mode=self.mode)
         return self.path_for(top.pop()) if top else None
 
-    def save(self, state: Mapping, step: int, metrics: Mapping | None = None, tag: str | None = None) -> Path:
+    def save(self, state: Mapping, step: int, metrics: Mapping | None = None, tag: str | None = None,
+             rng: bool | Mapping = True) -> Path:
         "Write the checkpoint for `step`, update `latest.pt` (+ `best.pt`, `{tag}.pt`), then clean up."
         if tag is not None and not re.fullmatch(r'[A-Za-z][\w-]*', tag) or tag in ('latest', 'best'):
             raise ValueError(f"tag must be a simple name like 'interrupted' or 'final' (not latest/best), got {tag!r}")
         metrics = {k: (v.item() if hasattr(v, 'item') else v) for k, v in (metrics or {}).items()}
-        path = save_checkpoint(self.path_for(step), state, step, metrics)
+        path = save_checkpoint(self.path_for(step), state, step, metrics, rng=rng)
         self.entries[int(step)] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                    for k, v in metrics.items()}
         if int(step) == max(self.entries): _link(path, self.dir / 'latest.pt')
@@ -390,9 +412,7 @@ def read_encoder(path: str | os.PathLike) -> tuple[dict, dict]:
     "`(state_dict, meta)` of an exported encoder (a bare state dict file is accepted too, with empty meta)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"encoder file {path} does not exist")
-    try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot be loaded as encoder weights: {type(e).__name__}: {e}") from e
+    obj = load_weights(path)
     if isinstance(obj, dict) and obj.get('format') == ENCODER_FORMAT: return obj['state_dict'], obj['meta']
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return clean_state_dict(obj), {}

@@ -4,19 +4,21 @@
 
 # %% ../nbs/16_cli.ipynb #f6c47b72
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, os, re, sys
 from pathlib import Path
 
 from .config import ConfigError, config_help, load_config, to_dict   # torch-free: see the theory above
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'cmd_probe', 'cmd_lab', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'cmd_probe', 'cmd_lab', 'error_line', 'main']
 
 # %% ../nbs/16_cli.ipynb #f3e6947c
 def build_parser() -> argparse.ArgumentParser:
     "The `hjepa` argument parser: subcommands `train`, `probe` (alias `eval`) and `lab`."
     p = argparse.ArgumentParser(prog='hjepa', description="hjepa: learn self-supervised vision by building H-JEPA. "
                                 "Run `hjepa <command> --help` for the options of a command.")
+    p.add_argument('--debug', action='store_true',
+                   help='show the full traceback of an error (also: environment variable HJEPA_DEBUG=1)')
     sub = p.add_subparsers(dest='command', metavar='<command>')
     tr = sub.add_parser('train', help='pretrain H-JEPA (default: MNIST-5k on CPU in a few minutes), then probe it',
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument('--out', metavar='DIR', help='run folder (default: runs/<dataset>-<date>-<time>)')
     tr.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                     help='override one config key, e.g. --set optim.lr=3e-4 (repeatable)')
-    tr.add_argument('--resume', action='store_true', help='continue the run in --out from its newest usable checkpoint')
+    tr.add_argument('--resume', nargs='?', const=True, default=False, metavar='TAG',
+                    help='continue the run in --out from its newest usable checkpoint, or from checkpoints/TAG.pt '
+                         '(e.g. --resume last_good after a divergence, --resume crashed after a crash)')
     tr.add_argument('--overwrite', action='store_true',
                     help='empty an existing --out folder first (otherwise it is never touched)')
     tr.add_argument('--print-config', action='store_true', help='print the validated config as YAML and exit')
@@ -70,7 +74,8 @@ def cmd_train(args) -> int:
               f"`hjepa train --out {res['run_dir']} --resume` (and the same --config / --set)", file=sys.stderr)
         return 143 if 'SIGTERM' in reason else 130
     if res.get('status') == 'diverged':
-        print(f"hjepa train: error: {reason}", file=sys.stderr)
+        print(f"hjepa train: error: {reason} Resume with `hjepa train --out {res['run_dir']} --resume last_good "
+              f"--set optim.lr=<lower>` (and the same --config / --set)", file=sys.stderr)
         return 1
     return 0
 
@@ -106,23 +111,54 @@ def cmd_lab(args) -> int:
 
 COMMANDS = {'train': cmd_train, 'probe': cmd_probe, 'eval': cmd_probe, 'lab': cmd_lab}
 
+# %% ../nbs/16_cli.ipynb #6e624184
+def _message(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if 'Original Traceback' in msg:                   # raised in a DataLoader worker: its last line is the error
+        msg = re.sub(r'^[\w.]+: ', '', msg.strip().splitlines()[-1])
+    return ' '.join(str(msg).split())
+
+def error_line(e: BaseException, command: str = 'train') -> tuple[str, int]:
+    "The one line and exit code that `hjepa COMMAND` prints for `e` (2: bad input, 1: the machine or a bug)."
+    ck = sys.modules.get('hjepa.checkpoint')                     # imported lazily: the CLI starts without torch
+    mine = ck is not None and isinstance(e, (ck.CheckpointError, ck.RunLockedError))
+    os_said = isinstance(e, OSError) and e.errno is not None and e.filename is not None   # raised by the OS itself
+    looked_up = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+    if isinstance(e, PermissionError):
+        line, code = f"error: cannot write {e.filename or 'a file'}: {e.strerror or e}: choose another folder " \
+                     f"(--out) or fix its permissions", 1
+    elif os_said and e.errno != 28:                               # the OS's words, with the path it refused
+        line, code = f"error: cannot use {e.filename}: {e.strerror}", 2 if isinstance(e, looked_up) else 1
+    elif isinstance(e, (ConfigError, ValueError, LookupError) + looked_up) or mine:
+        line, code = f"error: {_message(e)}", 2
+    elif isinstance(e, OSError):
+        full = e.errno == 28 or 'No space left' in str(e)
+        line, code = (f"error: {_message(e)}" + (": free some disk space" if full and 'disk' not in str(e) else ''), 1)
+    else:
+        line, code = (f"internal error: {type(e).__name__}: {_message(e)[:300]} (rerun with --debug for the "
+                      f"traceback)", 1)
+    saved = getattr(e, 'hjepa_saved', None)
+    if saved and saved[1] is not None:
+        run = Path(saved[1]).parent.parent
+        line += (f"; the state at step {saved[0]} is saved: fix the cause, then `hjepa train --out {run} "
+                 f"--resume crashed`")
+    return f"hjepa {command}: {line}", code
+
 # %% ../nbs/16_cli.ipynb #5749bc58
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `hjepa` command; returns the exit code (bad input: one line on stderr, code 2)."
+    "Entry point of the `hjepa` command; returns the exit code (an error: one line on stderr, code 2 or 1)."
     p = build_parser()
     args = p.parse_args(argv)
     if args.command is None: p.print_help(); return 0
+    debug = args.debug or os.environ.get('HJEPA_DEBUG', '') not in ('', '0')
     try: return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
-        print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:                   # an unusable checkpoint or a locked run folder: one line too
-        ck = sys.modules.get('hjepa.checkpoint')                 # (imported lazily: the CLI starts without torch)
-        if ck is None or not isinstance(e, (ck.CheckpointError, ck.RunLockedError)): raise
-        print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"hjepa {args.command}: interrupted", file=sys.stderr); return 130
+    except Exception as e:
+        if debug: raise
+        line, code = error_line(e, args.command)
+        print(line, file=sys.stderr)
+        return code
 
 # %% ../nbs/16_cli.ipynb #2db3555a
 #| eval: false

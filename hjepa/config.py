@@ -358,6 +358,12 @@ def _validate_method(cfg: Config):
     if name == 'hjepa' and m.num_levels < 2:
         raise ConfigError("method.name=hjepa needs model.num_levels >= 2 (with one level it is ijepa): "
                           "set model.num_levels=2 or 3")
+    batch_stats = (name in ('simclr', 'vicreg', 'sigreg') and f'method.name={name}' or
+                   name in ('ijepa', 'hjepa') and cfg.loss.vicreg_coeff > 0 and 'loss.vicreg_coeff > 0' or
+                   name in ('ijepa', 'hjepa') and cfg.loss.sigreg_coeff > 0 and 'loss.sigreg_coeff > 0')
+    if batch_stats and cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size=1: {batch_stats} uses statistics over the batch (a variance, a covariance "
+                          f"or negatives), which need at least 2 images: raise data.batch_size")
     jepa = name in ('ijepa', 'hjepa')
     if jepa and c.strategy is None: return                      # masked whole images: no crops
     if not jepa and c.strategy is not None:

@@ -17,8 +17,8 @@ from .core import is_dist
 
 # %% auto #0
 __all__ = ['PHOTOS', 'SHAPES', 'DATASETS', 'SPLITS', 'to_tensor', 'ArrayImageDataset', 'stratified_split', 'patch_grid',
-           'load_photos', 'PhotoDataset', 'make_shapes', 'default_root', 'load_dataset', 'FitTo', 'image_transform',
-           'seed_worker', 'build_loader', 'set_epoch', 'show_images']
+           'load_photos', 'PhotoDataset', 'make_shapes', 'default_root', 'UnreadableImageError', 'read_image_file',
+           'load_dataset', 'FitTo', 'image_transform', 'seed_worker', 'build_loader', 'set_epoch', 'show_images']
 
 # %% ../nbs/00_data.ipynb #832435cd
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -164,10 +164,29 @@ def _torchvision(name, split, root, download, transform):
     kw = dict(split='train' if split == 'train' else 'test') if name == 'stl10' else dict(train=split == 'train')
     try: ds = cls(str(root), download=download, transform=transform or to_tensor, **kw)
     except RuntimeError as e:
-        raise FileNotFoundError(f"{name} is not in {root}. Pass download=True to fetch it ({size}), or root= the "
-                                f"folder that already holds it (torchvision layout).") from e
+        raise FileNotFoundError(f"{name} is not in {root}. Pass download=True to fetch it ({size}; on the command "
+                                f"line --set data.download=true), or root= (--set data.root=DIR) the folder that "
+                                f"already holds it (torchvision layout).") from e
+    except OSError as e:                                        # no network: urllib's URLError is an OSError
+        why = ' '.join(str(getattr(e, 'reason', e)).split())
+        raise ConnectionError(f"could not download {name} into {root} ({why}): check the network, or put the "
+                              f"files there by hand (torchvision layout) and turn download off") from None
     ds.name = name
     return ds
+
+class UnreadableImageError(ValueError):
+    "An image file that cannot be decoded (empty, truncated or not an image)."
+
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    "Open and fully decode an image as RGB (torchvision's default loader does the same); a bad file names itself."
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f); img.load()
+            return img.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:                # PIL's errors for empty, truncated, foreign files
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise UnreadableImageError(f"cannot read image {path} ({size} bytes; {' '.join(str(e).split())}): "
+                                   f"repair or remove that file, then rerun") from None
 
 def _imagefolder(split, root, transform):
     from torchvision.datasets import ImageFolder
@@ -181,7 +200,7 @@ def _imagefolder(split, root, transform):
     if sub is None:
         raise FileNotFoundError(f"no {' or '.join(c.name + '/' for c in cands)} folder in {root}: imagefolder expects "
                                 f"{root}/train/<class>/<image> and {root}/test/<class>/<image>")
-    try: ds = ImageFolder(str(sub), transform=transform or to_tensor)
+    try: ds = ImageFolder(str(sub), transform=transform or to_tensor, loader=read_image_file)
     except FileNotFoundError as e: raise FileNotFoundError(f"{sub} holds no images in class folders: {e}") from e
     ds.name = 'imagefolder'
     return ds

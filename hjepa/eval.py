@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .core import is_main_process, one_thread, unwrap
 from .loop import Callback
-from .checkpoint import FORMAT, clean_state_dict, load_checkpoint, read_encoder
+from .checkpoint import FORMAT, clean_state_dict, load_checkpoint, load_weights, read_encoder
 from .data import load_dataset
 from .encoders import PRESETS, ViT
 
@@ -252,7 +252,7 @@ def load_eval_encoder(path: str | os.PathLike, encoder: nn.Module | None = None,
     "A frozen encoder from an exported-encoder file or a checkpoint (`key`; default `target_encoder`, else `encoder`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    raw = torch.load(path, map_location='cpu', weights_only=True)
+    raw = load_weights(path)                 # an unreadable file: one CheckpointError naming it
     if isinstance(raw, dict) and raw.get('format') == FORMAT:
         ck = load_checkpoint(path)
         state = ck['state']

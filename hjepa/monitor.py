@@ -79,6 +79,7 @@ class Logger:
     "Base class: `log(metrics, step)` records a dict of scalars at a step; `close()` flushes and releases resources."
     enabled = True
     def log(self, metrics: Mapping[str, object], step: int): pass
+    def start_at(self, step: int): "A (resumed) run continues from `step`: later records are from another timeline."
     def close(self): pass
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
@@ -127,14 +128,33 @@ class ConsoleLogger(Logger):
 
 # %% ../nbs/07_monitor.ipynb #f24f0b01
 class JSONLLogger(Logger):
-    "Append `{'step', 'time', **metrics}` as one JSON line per call to `path` (created with its folder)."
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path, self.enabled, self._f = Path(path), enabled, None
+    """Append `{'step', 'time', **metrics}` as one JSON line per call to `path` (created with its folder). With
+    `start_step` (a resumed run), records after that step, from the timeline it abandoned, are moved aside to
+    `<name>.replaced.jsonl` first, so that every step has one record and nothing is lost."""
+    def __init__(self, path: str | os.PathLike, enabled: bool = True, start_step: int | None = None):
+        self.path, self.enabled, self._f, self.start_step = Path(path), enabled, None, start_step
+
+    def start_at(self, step: int):
+        if self._f is None: self.start_step = step                  # before the first record only
+
+    def _drop_after(self, step: int):
+        lines = self.path.read_text(encoding='utf-8').splitlines(keepends=True)
+        def after(line):
+            try: return json.loads(line).get('step', -1) > step
+            except (json.JSONDecodeError, AttributeError): return True        # a torn line: set aside too
+        gone = [ln for ln in lines if after(ln)]
+        if not gone: return
+        with open(self.path.with_suffix('.replaced.jsonl'), 'a', encoding='utf-8') as f:
+            f.writelines(ln if ln.endswith('\n') else ln + '\n' for ln in gone)
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
+        tmp.write_text(''.join(ln for ln in lines if not after(ln)), encoding='utf-8'); os.replace(tmp, self.path)
 
     def log(self, metrics, step):
         if not self.enabled: return
         if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True); self._f = open(self.path, 'a', encoding='utf-8')
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.start_step is not None and self.path.is_file(): self._drop_after(self.start_step)
+            self._f = open(self.path, 'a', encoding='utf-8')
         rec = {'step': int(step), 'time': time.time()}
         for k, v in metrics.items():
             v = _scalar(v)
@@ -161,11 +181,13 @@ def _numeric(metrics):
 
 class TensorBoardLogger(Logger):
     "Scalars to TensorBoard event files in `log_dir` (view with `tensorboard --logdir DIR`)."
-    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, flush_secs: int = 30):
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, flush_secs: int = 30,
+                 start_step: int | None = None):         # a resumed run: TensorBoard hides the later events
         self.log_dir, self.enabled, self.w = Path(log_dir), enabled, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.w = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
+            self.w = SummaryWriter(str(self.log_dir), flush_secs=flush_secs,
+                                   purge_step=start_step + 1 if start_step else None)
 
     def log(self, metrics, step):
         if self.w is None: return
@@ -206,6 +228,8 @@ class MultiLogger(Logger):
             if not isinstance(l, Logger): raise TypeError(f"MultiLogger takes Logger instances, got {type(l).__name__}")
     def log(self, metrics, step):
         for l in self.loggers: l.log(metrics, step)
+    def start_at(self, step):
+        for l in self.loggers: l.start_at(step)
     def close(self):
         for l in self.loggers: l.close()
 
@@ -220,8 +244,8 @@ def make_logger(out_dir: str | os.PathLike | None = None, enabled: bool = True, 
     out = Path(out_dir) if out_dir is not None else None
     return MultiLogger(
         ConsoleLogger(total, batch_size, start_step) if console else None,
-        JSONLLogger(out / 'metrics.jsonl') if jsonl else None,
-        TensorBoardLogger(out / 'tb') if tensorboard else None,
+        JSONLLogger(out / 'metrics.jsonl', start_step=start_step) if jsonl else None,
+        TensorBoardLogger(out / 'tb', start_step=start_step) if tensorboard else None,
         WandbLogger(**{'dir': out, **(wandb_kwargs or {})}) if wandb else None)
 
 # %% ../nbs/07_monitor.ipynb #1829a86d

@@ -155,9 +155,15 @@ def build_loss(cfg: Config) -> CombinedLoss:
 def resolve_device(name: str) -> torch.device:
     "`auto` → cuda if available, else cpu; anything else must be a torch device name."
     if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try: return torch.device(name)
+    try: dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:0 ...)") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False): "
+                          f"use --set train.device=auto or cpu")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 # %% ../nbs/15_recipe.ipynb #50a3bec8
 TRAINER_ARGS = {   # config key -> Trainer keyword: every value passed to Trainer unchanged
@@ -218,7 +224,7 @@ def out_path(out: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out} is a file: pass a folder")
     return out
 
-def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+def prepare_run_dir(out: str | os.PathLike, resume: bool | str = False, overwrite: bool = False) -> Path:
     """Create the run folder. A run is kept unless `resume` (continue it) or `overwrite` (replace the run's own files,
     nothing else); a folder that is not an hjepa run is never touched, with or without `overwrite`."""
     out = out_path(out)
@@ -227,6 +233,10 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False, overwrite: boo
         if not (out / 'checkpoints').is_dir() or not any((out / 'checkpoints').glob('*.pt')):
             raise ConfigError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start a new run "
                               f"there")
+        if isinstance(resume, str) and not (out / 'checkpoints' / f'{resume}.pt').is_file():
+            tags = sorted(p.stem for p in (out / 'checkpoints').glob('*.pt') if not p.stem.startswith('step_'))
+            raise ConfigError(f"--resume {resume}: {out}/checkpoints has no {resume}.pt; it has "
+                              f"{', '.join(tags) or 'only step files'} (or use --resume alone for the newest)")
         return out
     if state == 'other':
         mine = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES + (RunLock.NAME,))
@@ -274,14 +284,28 @@ def default_run_dir(cfg: Config) -> Path:
     return Path('runs') / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 # %% ../nbs/15_recipe.ipynb #51931cd8
-def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
-                 verbose: bool = True) -> dict:
-    "Pretrain `cfg.method` as `cfg` says, then probe it; writes the run folder (rank 0) and returns `results.json`."
+def _check_packages(cfg: Config):
+    "The optional packages `cfg` asks for, imported before anything is written (so a missing one leaves no trace)."
+    if cfg.log.wandb:
+        try: import wandb  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"log.wandb=true needs the wandb package ({e}): pip install wandb, "
+                              f"or --set log.wandb=false") from None
+
+def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool | str = False,
+                 overwrite: bool = False, verbose: bool = True) -> dict:
+    """Pretrain `cfg.method` as `cfg` says, then probe it; writes the run folder (rank 0) and returns `results.json`.
+    `resume`: True continues from the newest usable checkpoint, a tag (`'last_good'`, `'interrupted'`) from that one."""
     info = setup_distributed(device=None if cfg.train.device == 'auto' else resolve_device(cfg.train.device))
     main, lock, changes = info.rank == 0, None, {}
     try:
         out = out_path(out) if out is not None else default_run_dir(cfg)
         amp_dtype(cfg.train.amp, info.device)                   # fails here, before any file exists (fp16 on a CPU)
+        _check_packages(cfg)
+        if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        # 1. data: the probe's splits, loaded (or downloaded, if asked) before the run folder is touched
+        train_ds, test_ds = build_datasets(cfg)
         if main:                                                # one process per run folder: the lock, then the checks
             lock = RunLock(out).acquire()
             out = prepare_run_dir(out, resume, overwrite)
@@ -289,10 +313,7 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
             for k, (was, now) in changes.items():
                 if verbose: print(f"resuming with {k}: {was!r} -> {now!r}")
             save_config(cfg, out / 'config.yaml')
-        if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
-        # 1. data: the probe's splits, and the batches the method needs (masks or crops made in the collate)
-        train_ds, test_ds = build_datasets(cfg)
+        # the batches the method needs (masks or crops made in the collate)
         train_dl, val_dl = build_loaders(cfg, method_needs(cfg), train_ds, test_ds)
         # 2. the method (DDP-wrapped under torchrun), and the same init kept aside for the probe
         model = build_method(cfg).to(info.device)
@@ -306,7 +327,11 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
             trainer.callbacks.append(KNNProbe(train_ds, test_ds, every=cfg.eval.knn_every, n_train=2 * n, n_test=n,
                                               k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, pool=cfg.eval.pool,
                                               seed=cfg.train.seed))
-        if resume: trainer.resume()
+        if resume:
+            trainer.resume(resume if isinstance(resume, str) else None)
+            if main and verbose:
+                print(f"resumed from step {trainer.step} of {trainer.total_steps}"
+                      f"{f' ({resume})' if isinstance(resume, str) else ''}")
         summary = trainer.fit()
         if not main: return summary
         # 4. rank 0: the encoder, the curves, the probe

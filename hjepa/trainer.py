@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_trainer.ipynb #d3a9b52f
 from __future__ import annotations
-import contextlib, signal, time, warnings
+import collections, contextlib, copy, math, signal, statistics, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -19,7 +19,7 @@ from .core import is_main_process  # noqa: F401 (part of this chapter's API: hje
 from .losses import CombinedLoss
 from .schedulers import ParamScheduler, lr_schedule, momentum_schedule, wd_schedule
 from .monitor import Logger, collapse_metrics, grad_norms, make_logger
-from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint, rng_state, set_rng_state
 from .loop import (  # noqa: F401 (re-exported: every public name of hjepa.loop is in this module's __all__)
     AMP_MODES, AUTO_CPU, NO_DECAY, Callback, EarlyStopping, StopOnSignal, _floats, _mean_over_ranks, _schedule,
     amp_dtype, cpu_has_fast_bf16, batch_size_of, epoch_progress, jepa_forward, loader_generators, method_forward,
@@ -32,9 +32,48 @@ _all_ = ['NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups
          'total_steps', 'set_loader_epoch', 'loader_generators']
 
 # %% auto #0
-__all__ = ['Trainer', 'NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype', 'StopOnSignal',
-           'Callback', 'EarlyStopping', 'batch_size_of', 'jepa_forward', 'epoch_progress', 'method_forward',
-           'total_steps', 'set_loader_epoch', 'loader_generators']
+__all__ = ['GoodState', 'Trainer', 'NO_DECAY', 'AMP_MODES', 'AUTO_CPU', 'cpu_has_fast_bf16', 'param_groups', 'amp_dtype',
+           'StopOnSignal', 'Callback', 'EarlyStopping', 'batch_size_of', 'jepa_forward', 'epoch_progress',
+           'method_forward', 'total_steps', 'set_loader_epoch', 'loader_generators']
+
+# %% ../nbs/09_trainer.ipynb #3c2f93a7
+def _cpu_copy(x):
+    "A deep copy of a nested state (dicts, lists, tensors), every tensor copied to the CPU."
+    if torch.is_tensor(x): return x.detach().to('cpu', copy=True)
+    if isinstance(x, Mapping): return {k: _cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_cpu_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+class GoodState:
+    "The state to fall back to: a copy every `every` healthy steps, trusted once the next `every` steps were healthy."
+    def __init__(self, every: int = 10, spike: float = 10.0, window: int = 32):
+        if every < 1: raise ValueError(f"good_every must be >= 1 (or None to keep no good state), got {every}")
+        self.every, self.spike, self.window = every, spike, window
+        self.reset()
+
+    def reset(self, start: dict | None = None):
+        "Start over from `start` (a snapshot that is good by assumption: the state when `fit` begins)."
+        self.good, self.candidate, self.recent = start, None, collections.deque(maxlen=self.window)
+
+    def healthy(self, loss: float) -> bool:
+        "Finite and not a blow-up: at most `spike` times the median of the recent healthy losses."
+        if not math.isfinite(loss): return False
+        if len(self.recent) < 4: return True
+        ref = statistics.median(self.recent)
+        return loss - ref <= (self.spike - 1) * abs(ref) + 1e-6
+
+    def update(self, step: int, loss: float, take: Callable[[], dict]):
+        "After step `step` with this `loss`: promote or drop the candidate; every `every` steps `take()` a new one."
+        if not self.healthy(loss): self.candidate = None; return     # the steps after it went wrong: never use it
+        self.recent.append(loss)
+        if self.candidate is not None and step - self.candidate['step'] >= self.every:
+            self.good, self.candidate = self.candidate, None
+        if self.candidate is None and step % self.every == 0: self.candidate = take()
+
+    @property
+    def newest(self) -> dict | None:
+        "The most recent copy with no sign of trouble after it (the candidate, else the good state): for a crash."
+        return self.candidate or self.good
 
 # %% ../nbs/09_trainer.ipynb #cc7ff338
 class _EndOfData(Exception): "The last epoch is done."
@@ -70,13 +109,14 @@ class Trainer:
                  val_every: int | None = None, val_batches: int | None = None, # every N steps, on at most M batches
                  ckpt_every: int | None = None, keep_last: int = 2, # checkpoint every N steps, keep the newest K
                  max_bad_steps: int = 5,              # stop (with a checkpoint) after this many NaN/Inf steps in a row
+                 good_every: int | None = 10,         # keep the last good state: a copy every N healthy steps
                  seed: int = 0,                       # seeds python/numpy/torch (+ rank) for a deterministic run
                  config: Mapping | None = None,       # stored in every checkpoint (plain data)
                  device: str | torch.device | None = None): # default: where the model's parameters are
         if max_steps is None and epochs is None: raise ValueError("give max_steps= or epochs= (how long to train)")
         for k, v in dict(max_steps=max_steps, epochs=epochs, total_steps=total_steps, val_every=val_every,
                          ckpt_every=ckpt_every, accum_steps=accum_steps, log_every=log_every,
-                         collapse_every=collapse_every, max_bad_steps=max_bad_steps).items():
+                         collapse_every=collapse_every, max_bad_steps=max_bad_steps, good_every=good_every).items():
             if v is not None or k in ('accum_steps', 'log_every', 'collapse_every', 'max_bad_steps'): check_count(k, v)
         if not callable(lr) and min_lr > lr: raise ValueError(f"min_lr={min_lr} is above lr={lr}: LR decays to min_lr")
         self.rank, self.world = get_rank(), get_world_size()
@@ -107,6 +147,7 @@ class Trainer:
         self._logger, self.log_every, self.collapse_every, self.val_every = logger, log_every, collapse_every, val_every
         self.val_batches, self.ckpt_every, self.max_bad_steps = val_batches, ckpt_every, max_bad_steps
         self.seed, self.config = seed, dict(config or {})
+        self.good = GoodState(good_every) if good_every else None      # what a divergence or a crash falls back to
         # counters: all in the checkpoint
         self.step = self.epoch = self.batch_in_epoch = self.nan_skipped = self.bad_in_a_row = 0
         self.should_stop, self.stop_reason, self.last_val, self.batch = False, None, {}, None
@@ -235,11 +276,19 @@ def load_state_dict(self: Trainer, state: Mapping, rng: Mapping | None = None):
     self._it, self._pending = None, {**state.get('data', {}), 'rng': rng}
 
 @patch
-def save_checkpoint(self: Trainer, tag: str | None = None, metrics: Mapping | None = None) -> Path | None:
-    "Write a checkpoint of the current state (rank 0 only; every rank waits for it). Needs `out_dir`."
+def snapshot(self: Trainer) -> dict:
+    "A CPU copy of the state now, with its step and RNG states: a checkpoint that is not written yet."
+    return {'state': _cpu_copy(self.state_dict()), 'step': self.step, 'rng': rng_state()}
+
+@patch
+def save_checkpoint(self: Trainer, tag: str | None = None, metrics: Mapping | None = None,
+                    snapshot: Mapping | None = None, barrier: bool = True) -> Path | None:
+    "Write a checkpoint of the current state, or of a `snapshot()` (rank 0 only; every rank waits). Needs `out_dir`."
     path = None
-    if self.ckpt is not None and self.rank == 0: path = self.ckpt.save(self.state_dict(), self.step, metrics, tag=tag)
-    if self.world > 1: dist.barrier()
+    if self.ckpt is not None and self.rank == 0:
+        snap = snapshot or {'state': self.state_dict(), 'step': self.step, 'rng': True}
+        path = self.ckpt.save(snap['state'], snap['step'], metrics, tag=tag, rng=snap['rng'])
+    if self.world > 1 and barrier: dist.barrier()
     return path
 
 @patch
@@ -288,9 +337,12 @@ def fit(self: Trainer) -> dict:
     files = self.out_dir is not None
     self.logger = self._logger or make_logger(self.out_dir, enabled=main, console=True, jsonl=files, tensorboard=files,
                                               total=self.max_steps, start_step=self.step)
+    self.logger.start_at(self.step)                   # a resumed run: records after this step are from another timeline
     self.should_stop, self.stop_reason, step0, t0 = False, None, self.step, time.perf_counter()
     self._n_img, self._t_log, self._n_img_log = 0, t0, 0
     self.model.train(); self._call('before_fit')
+    keep_good = self.good is not None and main and self.ckpt is not None    # only rank 0 writes checkpoints
+    if keep_good: self.good.reset(self.snapshot())
     tag = None
     try:
         with StopOnSignal() as sig:
@@ -300,6 +352,7 @@ def fit(self: Trainer) -> dict:
                 self._call('before_step')
                 try: metrics = self.train_step()
                 except _EndOfData: self.stop_reason = f'epochs={self.epochs}'; break
+                if keep_good: self.good.update(self.step, float(metrics['loss']), self.snapshot)
                 if self.val_every and self.step % self.val_every == 0: metrics.update(self.validate())
                 # 8. logging: loss parts, lr, momentum, grad norm, img/s (+ collapse metrics every collapse_every)
                 if self.step % self.log_every == 0 or 'val/loss' in metrics:
@@ -310,9 +363,11 @@ def fit(self: Trainer) -> dict:
                 self._call('after_step', metrics=metrics)
                 if self.bad_in_a_row >= self.max_bad_steps:
                     tag = 'last_good'
+                    at = f" (step {self.good.good['step']})" if keep_good and self.good.good else ''
                     self.stop(f"stopped: {self.bad_in_a_row} steps in a row had a NaN/Inf loss or gradient "
-                              f"({self.nan_skipped} skipped in all); the last good state is the 'last_good' checkpoint."
-                              f" Lower the learning rate, raise warm-up or clip harder, then resume from it.")
+                              f"({self.nan_skipped} skipped in all); the last good state{at} is the 'last_good' "
+                              f"checkpoint. Lower the learning rate, raise warm-up or clip harder, then resume from "
+                              f"it.")
                     if main: warnings.warn(self.stop_reason, RuntimeWarning)
                 elif any_rank(sig.signum is not None, self.device):
                     tag = 'interrupted'
@@ -321,7 +376,16 @@ def fit(self: Trainer) -> dict:
                 elif self.ckpt_every and self.step % self.ckpt_every == 0:
                     self.save_checkpoint(metrics={k: v for k, v in self.last_val.items() if k == 'val/loss'})
         if tag is None and self.step > step0: tag = 'final'
-        if tag: self.save_checkpoint(tag=tag, metrics={k: v for k, v in self.last_val.items() if k == 'val/loss'})
+        good = self.good.good if keep_good and tag == 'last_good' else None     # the state before the blow-up
+        if tag: self.save_checkpoint(tag=tag, metrics={k: v for k, v in self.last_val.items() if k == 'val/loss'},
+                                     snapshot=good)
+    except Exception as e:
+        # a crash (unreadable data, a bug in a callback): keep the newest healthy copy, if it is newer than the start
+        snap = self.good.newest if keep_good else None
+        if snap is not None and snap['step'] > step0 and not isinstance(e, CheckpointWriteError):
+            with contextlib.suppress(Exception):
+                e.hjepa_saved = (snap['step'], self.save_checkpoint(tag='crashed', snapshot=snap, barrier=False))
+        raise
     finally:
         self._call('after_fit'); self.logger.close()
     wall = time.perf_counter() - t0
