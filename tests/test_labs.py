@@ -1,9 +1,11 @@
 """Both sides of every lab.
 
 - The lab sources (with solutions) pass: tests/test_notebooks.py runs them.
-- The generated *student* notebook of every lab fails every one of its `check(...)` cells.
+- The generated *student* notebook of every lab fails every one of its `check(...)` cells, by printing the report
+  (not raising, so "Run All" goes on), and raises `ExerciseFailed` in strict mode.
 - Every registered exercise rejects the unimplemented stub and each of its plausible wrong answers,
   and accepts the lab's reference solution.
+- Every wrong answer has its own diagnosis, and `check` prints that one (not another's) for it.
 - Every exercise a lab checks is registered, and every solution function has a checker.
 - The wrong answers are private: they never become library names (in `__all__` or nbdev's symbol index).
 """
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hjepa.labs import (EXERCISES, ExerciseFailed, _load_checkers, is_solution, run_cells, stub_source,
-                        write_student_lab, list_labs)
+from hjepa.labs import (EXERCISES, ExerciseFailed, _HINTS_SEEN, _load_checkers, check, hint, is_solution, run_cells,
+                        stub_source, write_student_lab, list_labs)
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = sorted((ROOT / 'lessons').glob('[0-9]*.ipynb'))
@@ -47,18 +49,26 @@ def test_lab_is_wired(lab):
         assert EXERCISES[name].lab == lab.name.split('_')[0], f"{name} is registered for lab {EXERCISES[name].lab}"
 
 
+@pytest.mark.parametrize('strict', [False, True], ids=['learner', 'strict'])
 @pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
-def test_student_lab_fails_its_checks(lab, tmp_path):
-    "Generate the student notebook (as `hjepa lab` does) and run it: every check cell must fail."
+def test_student_lab_fails_its_checks(lab, tmp_path, monkeypatch, strict):
+    """Generate the student notebook (as `hjepa lab` does) and run it: every check cell must fail. As a learner runs
+    it, a failing check prints its report and raises nothing; in strict mode it raises `ExerciseFailed`."""
+    monkeypatch.setenv('HJEPA_STRICT_CHECKS', '1' if strict else '0')
     out = write_student_lab(lab.name.split('_')[0], tmp_path)
     nb = json.loads(out.read_text())
     assert not any(is_solution(s) for s in cells(nb)), "a solution cell survived in the student notebook"
-    results = run_cells(nb, cwd=tmp_path)
-    checks = [(src, exc) for _, src, exc in results if _CHECK.search(src)]
+    results = run_cells(nb, cwd=tmp_path, with_output=True)
+    checks = [(src, exc, text) for _, src, exc, text in results if _CHECK.search(src)]
     assert checks, "the student lab has no check(...) cells"
-    for src, exc in checks:
-        assert isinstance(exc, ExerciseFailed), f"`{src.strip()}` did not fail on the student stub (got {exc!r})"
-        assert 'not implemented yet' in str(exc)
+    for src, exc, text in checks:
+        if strict:
+            assert isinstance(exc, ExerciseFailed), f"`{src.strip()}` did not fail on the student stub (got {exc!r})"
+            assert 'not implemented yet' in str(exc)
+        else:
+            assert exc is None, f"`{src.strip()}` raised {exc!r}: a failing check must print, not stop Run All"
+            assert '✗' in text and 'not implemented yet' in text, f"`{src.strip()}` printed {text!r}"
+            assert 'Well done' not in text
 
 
 @pytest.mark.parametrize('name', sorted(EXERCISES), ids=str)
@@ -74,6 +84,38 @@ def test_checker_rejects_stub_and_wrong_answers(name):
             f"{name}: the checker accepts the wrong answer {w.__name__}: {w.__doc__!r}"
 
 
+@pytest.mark.parametrize('name', sorted(EXERCISES), ids=str)
+def test_each_wrong_answer_gets_its_own_diagnosis(name, capsys):
+    """Every wrong answer carries a diagnosis (distinct within its exercise), and checking it prints that diagnosis,
+    not another wrong answer's: two wrong answers the tests cannot tell apart fail here."""
+    ex = EXERCISES[name]
+    diags = [w.diagnosis for w in ex.wrongs]
+    for w, d in zip(ex.wrongs, diags):
+        assert len(d.split()) >= 3, f"{name}: the wrong answer {w.__name__} has no diagnosis ({d!r})"
+    assert len(set(diags)) == len(diags), f"{name}: two wrong answers share a diagnosis: {diags}"
+    for w in ex.wrongs:
+        found = ex.diagnose(ex.run(w))
+        assert found is not None and found[0] is w, \
+            f"{name}: {w.__name__} is diagnosed as {found and found[0].__name__}: make a test tell them apart"
+        capsys.readouterr()
+        check(w, name=name, strict=False)
+        printed = capsys.readouterr().out
+        assert f"known mistake: {w.diagnosis}" in printed, f"{name}: checking {w.__name__} printed {printed!r}"
+        assert not [o.__name__ for o in ex.wrongs if o is not w and o.diagnosis in printed]
+
+
+@pytest.mark.parametrize('name', sorted(EXERCISES), ids=str)
+def test_hints_are_given_one_at_a_time(name, capsys):
+    "`hint` prints the first hint, then the next on each call; a passing check returns nothing (no stray True)."
+    ex = EXERCISES[name]
+    assert ex.hints, f"{name}: give at least one hint"
+    _HINTS_SEEN.pop(name, None)
+    for i, h in enumerate(ex.hints):
+        hint(name)
+        out = capsys.readouterr().out
+        assert f"Hint {i + 1} of {len(ex.hints)}" in out and h in out, out
+
+
 @pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
 def test_reference_solutions_pass_their_checkers(lab):
     """Run only the lab's solution cells (no data loading) and check each function, so a checker that rejects the
@@ -85,6 +127,7 @@ def test_reference_solutions_pass_their_checkers(lab):
     for name in solution_functions(nb):
         res = EXERCISES[name].run(ns[name])
         assert all(ok for _, ok, _ in res), f"{lab.name}: reference `{name}` fails: {[m for _, ok, m in res if not ok]}"
+        assert check(ns[name], strict=True, quiet=True) is None            # a pass returns nothing: no stray True
 
 
 def test_stub_keeps_signature_and_docstring():

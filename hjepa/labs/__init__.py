@@ -24,28 +24,59 @@ class ExerciseFailed(AssertionError):
 # %% ../../nbs/checks/00_exercises.ipynb #3b0c56ca
 EXERCISES: dict[str, 'Exercise'] = {}
 
+_ADDR = re.compile(r'0x[0-9a-f]+|/tmp/(?:[^\s/]+/)*|(?<=\(line )\d+:.*?(?=\)$)')
+
+_NUM = re.compile(r'-?\d+(?:\.\d+)?(?:e[-+]?\d+)?')
+
+def _fingerprint(results) -> tuple:
+    "What a function's test results say about its behaviour: pass/fail and message per test (addresses, paths out)."
+    return tuple((ok, _ADDR.sub('…', msg)) for _, ok, msg in results)
+
+def _shape(fp) -> tuple:
+    "A fingerprint with its numbers taken out: the same mistake gives the same shape even when its numbers are noisy."
+    return tuple((ok, _NUM.sub('#', msg)) for ok, msg in fp)
+
+def _distance(a, b) -> float:
+    "How far apart the numbers quoted by two fingerprints of the same shape are (the largest relative difference)."
+    xs = [float(x) for _, m in a for x in _NUM.findall(m)]
+    ys = [float(y) for _, m in b for y in _NUM.findall(m)]
+    return max([abs(x - y) / (1 + abs(x) + abs(y)) for x, y in zip(xs, ys)], default=0.)
+
 @dataclass
 class Exercise:
-    "Exercise `name` (the learner's function name) of lab `lab`: property tests, a hint and known wrong answers."
+    """Exercise `name` (the learner's function name) of lab `lab`: property tests, graded hints (a string or a
+    list, first nudge to last near-solution) and known wrong answers, each with a diagnosis."""
     name: str
     lab: str
     title: str = ''
-    hint: str = ''
+    hint: str | list = ''
     tests: list = field(default_factory=list)
     wrongs: list = field(default_factory=list)
+    _prints: list | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.name.isidentifier(): raise ValueError(f"exercise name {self.name!r} must be a Python function name")
         EXERCISES[self.name] = self
+
+    @property
+    def hints(self) -> list[str]:
+        "The graded hints, first to last."
+        return [self.hint] if isinstance(self.hint, str) and self.hint else list(self.hint or [])
 
     def test(self, desc: str):
         "Decorator: register `f(fn)` as a test described by `desc`; it fails by raising (e.g. `assert ..., msg`)."
         def deco(f): self.tests.append((desc, f)); return f
         return deco
 
-    def wrong(self, f: Callable):
-        "Decorator: register `f` as a plausible wrong answer that the checker must reject."
-        self.wrongs.append(f); return f
+    def wrong(self, f: Callable | None = None, *, diagnosis: str = ''):
+        """Decorator, `@ex.wrong` or `@ex.wrong(diagnosis=...)`: register `f` as a plausible wrong answer that the
+        checker must reject. `diagnosis` is what a learner whose function behaves like `f` reads (default: the
+        wrong answer's docstring, which names its mistake)."""
+        def deco(f):
+            f.diagnosis = diagnosis or ' '.join((f.__doc__ or '').split())
+            self.wrongs.append(f); self._prints = None
+            return f
+        return deco if f is None else deco(f)
 
     def run(self, fn: Callable) -> list[tuple[str, bool, str]]:
         "Run every test on `fn`; returns `(description, passed, message)` for each."
@@ -59,6 +90,31 @@ class Exercise:
                 tb = traceback.extract_tb(e.__traceback__)[-1]
                 out.append((desc, False, f"raised {type(e).__name__}: {e} (line {tb.lineno}: {tb.line})"))
         return out
+
+    def _wrong_prints(self) -> list[tuple[Callable, tuple]]:
+        "Each wrong answer with its fingerprint, computed once; the learner's random-number streams are left as found."
+        if self._prints is None:
+            import random
+            import numpy as np, torch
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            try: self._prints = [(w, _fingerprint(self.run(w))) for w in self.wrongs]
+            finally: random.setstate(saved[0]); np.random.set_state(saved[1]); torch.set_rng_state(saved[2])
+        return self._prints
+
+    def diagnose(self, results) -> tuple[Callable, bool] | None:
+        """The registered wrong answer that `results` (of `run`) behave like, and whether the match is exact: the one
+        with the same fingerprint (or the same messages with numbers within 5 %, the nearest winning: a stochastic
+        test quotes slightly different numbers on each run) is `exact`; else the only one failing the same tests;
+        `None` if none (or several) match, or nothing is implemented yet."""
+        if all(not ok and msg.startswith('not implemented') for _, ok, msg in results): return None
+        mine = _fingerprint(results)
+        prints = self._wrong_prints()
+        exact = [w for w, fp in prints if fp == mine]
+        if exact: return exact[0], True
+        alike = [(_distance(fp, mine), i) for i, (w, fp) in enumerate(prints) if _shape(fp) == _shape(mine)]
+        if alike and min(alike)[0] < 0.05: return prints[min(alike)[1]][0], True     # the same numbers, up to noise
+        same_fails = [w for w, fp in prints if [ok for ok, _ in fp] == [ok for ok, _ in mine]]
+        return (same_fails[0], False) if len(same_fails) == 1 else None
 
 # %% ../../nbs/checks/00_exercises.ipynb #c5649283
 def _load_checkers():
@@ -74,29 +130,52 @@ def find_exercise(name: str) -> Exercise:
                          f"{', '.join(sorted(EXERCISES))}")
     return EXERCISES[name]
 
-def report(ex: Exercise, results) -> str:
-    "A readable report of `results` from `Exercise.run`."
+def report(ex: Exercise, results, mistake: tuple[Callable, bool] | None = None) -> str:
+    "A readable report of `results` from `Exercise.run`, with the diagnosis of `mistake` (from `diagnose`) if given."
     n_ok = sum(ok for _, ok, _ in results)
     lines = [f"{ex.name}: {n_ok}/{len(results)} checks passed" + (f" — {ex.title}" if ex.title else '')]
     for desc, ok, msg in results:
         lines.append(f"  {'✓' if ok else '✗'} {desc}" + ('' if ok else f"\n      {msg}"))
-    if n_ok < len(results) and ex.hint: lines.append(f"Hint: {ex.hint}")
+    if n_ok == len(results): return '\n'.join(lines)
+    if mistake is not None:
+        w, exact = mistake
+        lines.append(f"Diagnosis: your function behaves exactly like a known mistake: {w.diagnosis}" if exact else
+                     f"Perhaps: your function fails the same checks as a known mistake: {w.diagnosis}")
+    if ex.hints: lines.append(f"Stuck? hint({ex.name}) gives a first hint ({len(ex.hints)} in all).")
     return '\n'.join(lines)
 
-def check(fn: Callable, name: str | None = None, quiet: bool = False) -> bool:
-    "Check the learner's `fn` against its exercise's tests; prints a report, raises `ExerciseFailed` on failure."
+def _strict_default() -> bool:
+    "Checks raise under nbdev_test / pytest (`IN_TEST`), or as `HJEPA_STRICT_CHECKS` says; in a notebook they print."
+    env = os.environ.get('HJEPA_STRICT_CHECKS')
+    return env not in ('0', 'false', 'no', '') if env is not None else bool(os.environ.get('IN_TEST'))
+
+def check(fn: Callable, name: str | None = None, strict: bool | None = None, quiet: bool = False) -> None:
+    """Check the learner's `fn` against its exercise's tests and print a report (what passed, what failed, the
+    diagnosis). Returns nothing; on failure raises `ExerciseFailed` only if `strict` (default: under a test runner)."""
     ex = find_exercise(name or fn.__name__)
     results = ex.run(fn)
-    rep = report(ex, results)
     if all(ok for _, ok, _ in results):
-        if not quiet: print(rep + "\nWell done!")
-        return True
-    raise ExerciseFailed(rep)
+        if not quiet: print(report(ex, results) + "\nWell done!")
+        return
+    rep = report(ex, results, ex.diagnose(results))
+    if _strict_default() if strict is None else strict: raise ExerciseFailed(rep)
+    print(rep)
+
+_HINTS_SEEN: dict[str, int] = {}
 
 def hint(fn_or_name) -> None:
-    "Print the hint of an exercise (pass the function or its name)."
+    "Print the next hint of an exercise (pass the function or its name): the first call the first hint, and so on."
     ex = find_exercise(fn_or_name if isinstance(fn_or_name, str) else fn_or_name.__name__)
-    print(ex.hint or 'No hint for this one: re-read the task above.')
+    hs = ex.hints
+    if not hs: print('No hint for this one: re-read the task above.'); return
+    i = _HINTS_SEEN.get(ex.name, 0)
+    _HINTS_SEEN[ex.name] = i + 1
+    if i >= len(hs):
+        print(f"That was the last hint ({len(hs)} of {len(hs)}): {hs[-1]}\n"
+              f"The solution is folded in the lab on the course site.")
+        return
+    more = f" (hint({ex.name}) again for the next)" if i + 1 < len(hs) else " (the last one)"
+    print(f"Hint {i + 1} of {len(hs)}{more}: {hs[i]}")
 
 # %% ../../nbs/checks/00_exercises.ipynb #ae096efc
 _SOL_RE = re.compile(r'^\s*#\|\s*solution\s*$', re.M)
@@ -210,8 +289,10 @@ def _backup(path: Path) -> Path | None:
         return cand
 
 # %% ../../nbs/checks/00_exercises.ipynb #8ec49b2f
-def run_cells(nb: dict, cwd: str | Path | None = None) -> list[tuple[int, str, BaseException | None]]:
-    "Execute every code cell of `nb` in one IPython shell, continuing after errors: `(index, source, exception)`."
+def run_cells(nb: dict, cwd: str | Path | None = None,
+              with_output: bool = False) -> list[tuple[int, str, BaseException | None]]:
+    """Execute every code cell of `nb` in one IPython shell, continuing after errors: `(index, source, exception)`,
+    and the cell's printed text as a fourth item if `with_output`."""
     from execnb.shell import CaptureShell
     import os
     sh, out, old = CaptureShell(), [], os.getcwd()
@@ -220,8 +301,10 @@ def run_cells(nb: dict, cwd: str | Path | None = None) -> list[tuple[int, str, B
         for i, c in enumerate(nb['cells']):
             if c['cell_type'] != 'code': continue
             src = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
-            sh.run(src)
-            out.append((i, src, sh.exc[1] if isinstance(sh.exc, tuple) else sh.exc))
+            outs = sh.run(src)
+            exc = sh.exc[1] if isinstance(sh.exc, tuple) else sh.exc
+            text = ''.join(''.join(o.get('text', '')) for o in outs or [] if o.get('output_type') == 'stream')
+            out.append((i, src, exc, text) if with_output else (i, src, exc))
     finally: os.chdir(old)
     return out
 

@@ -14,28 +14,39 @@ from .. import Exercise
 from ...checkpoint import rng_state, set_rng_state
 
 # %% ../../../nbs/checks/08_checkpoint.ipynb #a46f4160
-ex_rng = Exercise('restore_rng', lab='08', title='Restore every RNG bit-exactly',
-    hint="random.setstate((p['version'], tuple(p['internal']), p['gauss_next'])); "
-         "np.random.set_state((n['bit_generator'], "
-         "n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian'])); "
-         "torch.set_rng_state(state['torch']).")
+ex_rng = Exercise('restore_rng', lab='08', title='Restore every RNG bit-exactly from JSON',
+    hint=["Each of random.setstate, np.random.set_state and torch.set_rng_state wants its own type back: which "
+          "types did JSON turn into lists?",
+          "random wants the tuple (version, tuple(internal), gauss_next); NumPy wants (bit_generator, keys as a "
+          "uint32 array, pos, has_gauss, cached_gaussian) — the last two carry a cached Gaussian; torch wants a "
+          "uint8 tensor.",
+          "torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8)); "
+          "np.random.set_state((n['bit_generator'], np.array(n['keys'], dtype=np.uint32), n['pos'], n['has_gauss'], "
+          "n['cached_gaussian']))."])
 
 def _draws():
     return (random.random(), random.gauss(0, 1), np.random.normal(size=3).tolist(),
             np.random.randint(0, 10**6, 3).tolist(), torch.randn(3).tolist(), torch.randint(0, 10**6, (3,)).tolist())
 
-def _roundtrip(obj):
-    import io
-    buf = io.BytesIO(); torch.save(obj, buf); buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def _as_json(st) -> dict:
+    "`rng_state()` written as JSON and read back: tensors become lists of ints."
+    import json
+    plain = {'python': st['python'], 'numpy': {**st['numpy'], 'keys': st['numpy']['keys'].tolist()},
+             'torch': st['torch'].tolist()}
+    return json.loads(json.dumps(plain))
 
 def _rng_case(fn, seed, through_file):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     np.random.normal(); random.gauss(0, 1)                 # leave cached gaussians behind
-    st = rng_state()
+    st = _as_json(rng_state())
     want = _draws()
     for _ in range(3): _draws()                             # move every generator on
-    fn(_roundtrip(st) if through_file else st)
+    if through_file:
+        import json
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / 'rng.json').write_text(json.dumps(st))
+            st = json.loads((Path(d) / 'rng.json').read_text())
+    fn(st)
     got = _draws()
     names = ('random.random', 'random.gauss', 'np.random.normal', 'np.random.randint', 'torch.randn', 'torch.randint')
     for n, a, b in zip(names, got, want):
@@ -45,22 +56,30 @@ def _rng_case(fn, seed, through_file):
 def _(fn):
     for seed in (0, 1, 1234): _rng_case(fn, seed, through_file=False)
 
-@ex_rng.test('works on a state that went through torch.save / torch.load(weights_only=True)')
+@ex_rng.test('works on a state read back from a JSON file')
 def _(fn):
     _rng_case(fn, 7, through_file=True)
 
-@ex_rng.wrong
+@ex_rng.wrong(diagnosis="you restore torch only: random and NumPy go on from wherever they were")
 def _wrong_restore_rng_torch_only(state):
-    "Restores torch only."
-    torch.set_rng_state(state['torch'])
+    torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
 
-@ex_rng.wrong
+@ex_rng.wrong(diagnosis="you restore NumPy's keys and position but not its cached Gaussian (has_gauss, "
+                        "cached_gaussian): the first np.random.normal after the resume differs")
 def _wrong_restore_rng_drops_gauss(state):
-    "Drops NumPy's cached Gaussian."
     p, n = state['python'], state['numpy']
     random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
-    np.random.set_state((n['bit_generator'], n['keys'].numpy().astype(np.uint32), n['pos']))
-    torch.set_rng_state(state['torch'])
+    np.random.set_state((n['bit_generator'], np.array(n['keys'], dtype=np.uint32), n['pos']))
+    torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
+
+@ex_rng.wrong(diagnosis="you hand random.setstate Python's internal state as the list JSON gave you: it wants "
+                        "the tuple (version, tuple(internal), gauss_next)")
+def _wrong_restore_rng_list_state(state):
+    p, n = state['python'], state['numpy']
+    np.random.set_state((n['bit_generator'], np.array(n['keys'], dtype=np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    torch.set_rng_state(torch.tensor(state['torch'], dtype=torch.uint8))
+    random.setstate((p['version'], p['internal'], p['gauss_next']))
 
 # %% ../../../nbs/checks/08_checkpoint.ipynb #845d738f
 ex_save = Exercise('save_checkpoint', lab='08', title='A robust save_checkpoint',
@@ -227,7 +246,7 @@ def _wrong_find_latest_sorted_names(directory):
 
 @ex_find.wrong
 def _wrong_find_latest_newest_mtime(directory):
-    "The newest modification time."
+    "Picks the newest modification time instead of the largest step number."
     ps = [p for p in Path(directory).glob('step_*.pt') if p.stem[5:].isdigit()]
     return max(ps, key=lambda p: p.stat().st_mtime) if ps else None
 
@@ -271,19 +290,19 @@ def _(fn):
 
 @ex_keep.wrong
 def _wrong_select_keep_ignores_mode(values, keep_last=2, keep_best=1, mode='min'):
-    "Ignores mode."
+    "Ignores mode: ranks the smallest values first even when mode is 'max'."
     steps = sorted(values); ranked = sorted((s for s in steps if math.isfinite(values[s])), key=values.get)
     return set(steps[-keep_last:] if keep_last else []) | set(ranked[:keep_best])
 
 @ex_keep.wrong
 def _wrong_select_keep_first_steps(values, keep_last=2, keep_best=1, mode='min'):
-    "Keeps the first keep_last steps."
+    "Keeps the first (oldest) keep_last steps instead of the newest."
     steps = sorted(values)
     ranked = sorted((s for s in steps if math.isfinite(values[s])), key=values.get, reverse=mode == 'max')
     return set(steps[:keep_last]) | set(ranked[:keep_best])
 
 @ex_keep.wrong
 def _wrong_select_keep_nan(values, keep_last=2, keep_best=1, mode='min'):
-    "Lets NaN into the ranking."
+    "Lets NaN into the ranking: a diverged step can count as the best."
     steps = sorted(values); ranked = sorted(steps, key=values.get, reverse=mode == 'max')
     return set(steps[-keep_last:] if keep_last else []) | set(ranked[:keep_best])
