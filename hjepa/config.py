@@ -11,10 +11,12 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'PRESET_NAMES', 'METHOD_NAMES', 'STRATEGY_NAMES', 'ConfigError', 'opt', 'from_dict', 'to_dict',
-           'apply_override', 'MultiCropConfig', 'DataConfig', 'MaskConfig', 'ModelConfig', 'MethodConfig', 'LossConfig',
-           'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig', 'LogConfig', 'Config', 'validate', 'method_name',
-           'load_config', 'save_config', 'config_help']
+__all__ = ['DATASET_NAMES', 'PRESET_NAMES', 'METHOD_NAMES', 'STRATEGY_NAMES', 'TTA_NAMES', 'ConfigError', 'opt', 'from_dict',
+           'to_dict', 'apply_override', 'MultiCropConfig', 'DataConfig', 'MaskConfig', 'ModelConfig', 'MethodConfig',
+           'LossConfig', 'OptimConfig', 'EMAConfig', 'TrainConfig', 'EvalConfig', 'LogConfig', 'Config', 'validate',
+           'method_name', 'load_config', 'save_config', 'config_help', 'FinetuneDataConfig', 'FinetuneModelConfig',
+           'FinetuneOptimConfig', 'FinetuneLossConfig', 'FinetuneMixConfig', 'FinetuneEvalConfig',
+           'FinetuneTrainConfig', 'FinetuneConfig', 'validate_finetune', 'load_finetune_config']
 
 # %% ../nbs/12_config.ipynb #c79b7e21
 class ConfigError(ValueError):
@@ -398,7 +400,11 @@ def _validate_method(cfg: Config):
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     "Defaults, then the YAML file at `path` (if any), then `key.path=value` overrides; validated before returning."
-    d = to_dict(Config())
+    return validate(from_dict(Config, _load_dict(Config, path, overrides)))
+
+def _load_dict(cls, path, overrides) -> dict:
+    "The plain dict of schema `cls`: its defaults, merged with the YAML file at `path`, then the overrides."
+    d = to_dict(cls())
     if path is not None:
         p = Path(path).expanduser()
         if p.is_dir(): raise ConfigError(f"--config {p} is a folder: pass a YAML file, e.g. {p / 'config.yaml'}")
@@ -407,10 +413,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         except yaml.YAMLError as e: raise ConfigError(f"{p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
-        from_dict(Config, raw)                                   # unknown keys and types, reported against the file
+        from_dict(cls, raw)                                      # unknown keys and types, reported against the file
         _merge(d, raw)
-    for o in overrides: apply_override(d, o, Config)
-    return validate(from_dict(Config, d))
+    for o in overrides: apply_override(d, o, cls)
+    return d
 
 def _merge(base: dict, new: dict):
     for k, v in new.items():
@@ -435,3 +441,104 @@ def config_help(cls=Config, prefix: str = '') -> list[str]:
             shown = json.dumps(list(default) if isinstance(default, tuple) else default)
             out.append(f"  {prefix}{f.name} = {shown}: {f.metadata.get('help', '')}")
     return out
+
+# %% ../nbs/12_config.ipynb #70182eae
+@dataclass
+class FinetuneDataConfig:
+    "Which labels fine-tuning sees (images as the pretrained run saw them)."
+    dataset: str | None = opt(None, "labelled dataset (null: the pretrained run's)", choices=DATASET_NAMES)
+    root: str | None = opt(None, 'folder holding a real dataset (null: the pretrained run\'s, else the default)')
+    label_frac: float = opt(1.0, 'fraction of the training labels used, per class (stratified)', gt=0.0, max=1.0)
+    val_frac: float = opt(0.1, 'fraction of those labelled images held out for early stopping (0: no validation)',
+                          min=0.0, max=0.5)
+    batch_size: int = opt(64, 'images per optimiser step', min=1)
+    shift: int = opt(2, 'training augmentation: random translation by up to this many pixels (0: none)', min=0)
+
+@dataclass
+class FinetuneModelConfig:
+    "The classifier: the pretrained encoder, its tokens pooled, a linear head."
+    pool: str = opt('mean', 'token pooling before the head (mean: what timm calls global_pool=avg)',
+                    choices=('mean', 'max', 'mean+max'))
+    freeze_encoder: bool = opt(False, 'train the head only (a linear probe trained by AdamW)')
+
+@dataclass
+class FinetuneOptimConfig:
+    "AdamW with layer-wise learning-rate decay, warm-up and cosine."
+    lr: float = opt(1e-3, 'peak learning rate of the head (block i below it: lr * layer_decay^(depth+1-i))', gt=0.0)
+    min_lr: float = opt(1e-6, 'learning rate at the end of the cosine decay', min=0.0)
+    warmup_frac: float = opt(0.1, 'fraction of the steps spent warming up linearly', min=0.0, max=0.9)
+    weight_decay: float = opt(0.05, 'weight decay (not on biases, norms, tokens)', min=0.0)
+    layer_decay: float = opt(0.75, 'layer-wise LR decay per block (1: one learning rate for all)', gt=0.0, max=1.0)
+    betas: tuple[float, float] = opt((0.9, 0.999), 'AdamW betas', min=0.0, max=0.99999)
+    clip_grad: float | None = opt(1.0, 'max global gradient norm (null: no clipping)', gt=0.0)
+
+@dataclass
+class FinetuneLossConfig:
+    "Cross-entropy, focal loss, label smoothing, or a combination."
+    focal_gamma: float = opt(0.0, 'focal-loss focusing gamma (0: cross-entropy)', min=0.0)
+    focal_alpha: list[float] | None = opt(None, 'focal-loss weight of each class (null: all 1)', min=0.0)
+    label_smoothing: float = opt(0.1, 'label smoothing epsilon: targets (1-eps)*onehot + eps/classes', min=0.0,
+                                 max=0.99)
+
+@dataclass
+class FinetuneMixConfig:
+    "Mixup and cutmix of training batches."
+    mixup_alpha: float = opt(0.0, 'mixup Beta(alpha, alpha) (0: off)', min=0.0)
+    cutmix_alpha: float = opt(0.0, 'cutmix Beta(alpha, alpha) (0: off)', min=0.0)
+    prob: float = opt(1.0, 'probability that a batch is mixed at all', min=0.0, max=1.0)
+    switch_prob: float = opt(0.5, 'when both are on: probability of cutmix rather than mixup', min=0.0, max=1.0)
+
+@dataclass
+class FinetuneEvalConfig:
+    "What the test split is measured with."
+    tta: list[str] = opt(['identity', 'shift'], 'test-time views whose logits are averaged (identity, hflip, shift)')
+    ema_decay: float | None = opt(0.99, 'decay of the model EMA evaluated next to the trained weights (null: off)',
+                                  min=0.0, max=0.99999)
+
+@dataclass
+class FinetuneTrainConfig:
+    "How long and how."
+    epochs: int = opt(10, 'passes over the labelled training images', min=1)
+    max_steps: int | None = opt(None, 'stop after this many optimiser steps (null: run all epochs)', min=1)
+    patience: int | None = opt(5, 'early stopping: validations without a better val/acc before stopping; the best '
+                               'weights are restored (null: off)', min=1)
+    val_every: int | None = opt(None, 'validate every N steps (null: once per epoch)', min=1)
+    amp: str = opt('auto', 'mixed precision: auto, bf16, fp16 or off', choices=('auto', 'bf16', 'fp16', 'off'))
+    seed: int = opt(0, 'seed of the label subset, the data order, the head and the mixing', min=0)
+    device: str = opt('auto', 'auto (cuda if available, else cpu), cpu, or cuda[:N]')
+    threads: int | None = opt(None, 'CPU threads for torch (null: torch default)', min=1)
+    log_every: int = opt(10, 'log metrics every N steps', min=1)
+    ckpt_every: int | None = opt(None, 'checkpoint every N steps (null: only at the end)', min=1)
+    keep_last: int = opt(2, 'periodic checkpoints to keep', min=1)
+
+@dataclass
+class FinetuneConfig:
+    "A whole fine-tuning run (`hjepa finetune`)."
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    loss: FinetuneLossConfig = field(default_factory=FinetuneLossConfig)
+    mix: FinetuneMixConfig = field(default_factory=FinetuneMixConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+TTA_NAMES = ('identity', 'hflip', 'shift')   # the names of hjepa.finetune.TTA_VIEWS (chapter 14 keeps them equal)
+
+def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
+    "Cross-field checks of a `FinetuneConfig`; raises `ConfigError` naming the keys and the fix."
+    bad = [v for v in cfg.eval.tta if v not in TTA_NAMES]
+    if bad or not cfg.eval.tta:
+        raise ConfigError(f"eval.tta: {bad or 'an empty list'} — give one or more of {', '.join(TTA_NAMES)}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+    if cfg.train.patience is not None and cfg.data.val_frac == 0:
+        raise ConfigError("train.patience needs a validation split: set data.val_frac > 0, or train.patience=null")
+    if cfg.data.dataset == 'imagefolder' and not cfg.data.root:
+        raise ConfigError("data.root: imagefolder needs the folder holding train/ and test/")
+    return cfg
+
+def load_finetune_config(path: str | os.PathLike | None = None,
+                         overrides: typing.Sequence[str] = ()) -> FinetuneConfig:
+    "`load_config` for fine-tuning: defaults, the YAML file at `path`, then `key.path=value` overrides; validated."
+    return validate_finetune(from_dict(FinetuneConfig, _load_dict(FinetuneConfig, path, overrides)))
