@@ -136,7 +136,10 @@ class Trainer:
         self.momentum = _schedule('momentum', momentum, momentum_end, momentum_schedule, T)
         self.level_weights = (None if level_weights is None else level_weights if callable(level_weights)
                               else (lambda step, w=list(level_weights): w))
-        self.optimizer = optimizer or AdamW(param_groups(self.module, self.wd(0)), lr=self.lr(0), betas=betas)
+        # fused AdamW: one kernel over all parameters, ~3x faster than the default per-tensor loop on CPU
+        fused = self.device.type in ('cpu', 'cuda')                         # (measured: benchmarks/README.md)
+        self.optimizer = optimizer or AdamW(param_groups(self.module, self.wd(0)), lr=self.lr(0), betas=betas,
+                                            fused=fused)
         self.scheduler = ParamScheduler(self.optimizer, lr=self.lr, wd=self.wd)
         self.amp_dtype = amp_dtype(amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)   # fp16 only
