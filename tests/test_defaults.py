@@ -30,6 +30,7 @@ NOT_CONFIG = {
     'optimizer': 'Trainer builds AdamW from optim.*', 'forward_fn': 'code, not configuration',
     'callbacks': 'code, not configuration', 'out_dir': 'the --out folder', 'logger': 'built from log.*',
     'val_batches': 'the whole test split', 'config': 'the config itself', 'device': 'train.device via resolve_device',
+    'good_every': 'a safety net (the last good state), not a recipe choice',
 }
 
 

@@ -192,7 +192,7 @@ def test_crop_method_rejects_masked_batches(images):
     with pytest.raises(ValueError, match='multi-crop batches'): MAKERS['simclr']()(masked(images))
 
 
-CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.yaml') if p.stem != 'default')
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem not in ("default", "finetune"))
 QUICK = ['--set', 'data.dataset=digits', '--set', 'train.max_steps=3', '--set', 'data.batch_size=16',
          '--set', 'train.log_every=1', '--set', 'log.tensorboard=false', '--set', 'log.plots=false',
          '--set', 'model.embed_dim=32', '--set', 'model.depth=1', '--set', 'model.num_heads=2']
