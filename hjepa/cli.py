@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse, json, os, re, sys
 from pathlib import Path
 
-from .config import ConfigError, config_help, load_config, to_dict   # torch-free: see the theory above
+from .config import (ConfigError, FinetuneConfig, config_help, load_config, load_finetune_config,  # torch-free
+                          to_dict)
 
 # %% auto #0
-__all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'cmd_probe', 'cmd_lab', 'error_line', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'cmd_probe', 'cmd_lab', 'cmd_finetune', 'cmd_export', 'error_line', 'main']
 
 # %% ../nbs/16_cli.ipynb #f3e6947c
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument('--dest', default='.', help='folder to write the notebook into (default: the current folder)')
     lab.add_argument('--force', action='store_true',
                      help='if the notebook exists, keep it as a timestamped backup and write a fresh copy')
+    ft = sub.add_parser('finetune', help='fine-tune a pretrained encoder for classification (phase two)',
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description='Fine-tune the encoder of a pretraining run (folder, checkpoint or encoder.pt) '
+                                    'with a classification head: focal loss / label smoothing, mixup/cutmix, '
+                                    'layer-wise LR decay, a model EMA and early stopping; writes a run folder with '
+                                    'results.json (test accuracy with and without TTA and EMA).',
+                        epilog="config keys (set any with --set key=value):\n" +
+                               '\n'.join(config_help(FinetuneConfig)))
+    ft.add_argument('pretrained', help='pretraining run folder, checkpoint (.pt) or exported encoder.pt')
+    ft.add_argument('--out', required=True, metavar='DIR', help='new run folder for the fine-tuned model')
+    ft.add_argument('--config', metavar='FILE', help='YAML fine-tune config (e.g. configs/finetune.yaml)')
+    ft.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                    help='override one fine-tune config key (repeatable)')
+    ex = sub.add_parser('export', help='write a trained encoder for other libraries (timm)',
+                        description='Write the encoder of a run folder, checkpoint or encoder.pt as safetensors that '
+                                    "timm's VisionTransformer loads (the timm arguments are in the file's metadata).")
+    ex.add_argument('source', help='run folder, checkpoint (.pt) or exported encoder.pt')
+    ex.add_argument('--format', default='safetensors', choices=('safetensors',), help='output format')
+    ex.add_argument('--out', required=True, metavar='FILE', help='the .safetensors file to write (never overwritten)')
     return p
 
 # %% ../nbs/16_cli.ipynb #7cb5425a
@@ -109,7 +129,22 @@ def cmd_lab(args) -> int:
     print(f"wrote {out}\nopen it with: jupyter lab {out}")
     return 0
 
-COMMANDS = {'train': cmd_train, 'probe': cmd_probe, 'eval': cmd_probe, 'lab': cmd_lab}
+def cmd_finetune(args) -> int:
+    "`hjepa finetune`: phase two of the workflow, into its own run folder."
+    cfg = load_finetune_config(args.config, args.overrides)
+    from hjepa.finetune import finetune_run
+    res = finetune_run(args.pretrained, args.out, cfg)
+    print(f"run folder: {args.out}  test accuracy {res.get('test_acc')}")
+    return 0
+
+def cmd_export(args) -> int:
+    "`hjepa export`: the encoder as safetensors for timm."
+    from hjepa.finetune import export_timm
+    print(f"wrote {export_timm(args.source, args.out)}")
+    return 0
+
+COMMANDS = {'train': cmd_train, 'probe': cmd_probe, 'eval': cmd_probe, 'lab': cmd_lab, 'finetune': cmd_finetune,
+            'export': cmd_export}
 
 # %% ../nbs/16_cli.ipynb #6e624184
 def _message(e: BaseException) -> str:

@@ -212,3 +212,22 @@ def test_an_interrupted_run_exits_nonzero_skips_the_probe_and_says_how_to_contin
     res = json.loads((run / 'results.json').read_text())
     assert res['status'] == 'interrupted' and 'probe_pretrained' not in res and 'held-out accuracy' not in out
     assert (run / 'checkpoints' / 'interrupted.pt').is_file()
+
+
+def test_two_phase_workflow_finetune_and_export(tmp_path):
+    "issue 12: `hjepa train` then `hjepa finetune RUN --out DIR` and `hjepa export RUN --out F.safetensors`."
+    pre, ft, f = tmp_path / 'pre', tmp_path / 'ft', tmp_path / 'enc.safetensors'
+    assert hjepa('train', '--out', pre, *TWO_STEPS, cwd=tmp_path).returncode == 0
+    r = hjepa('finetune', pre, '--out', ft, '--set', 'train.max_steps=3', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((ft / 'results.json').read_text())
+    assert {'test_acc', 'test_acc_tta', 'test_acc_ema', 'test_acc_ema_tta'} <= set(res)
+    again = hjepa('finetune', pre, '--out', ft, '--set', 'train.max_steps=3', cwd=tmp_path)
+    assert again.returncode == 2 and 'Traceback' not in again.stderr and (ft / 'results.json').exists()
+    r = hjepa('export', pre, '--out', f, cwd=tmp_path)
+    assert r.returncode == 0 and f.stat().st_size > 1000, r.stderr[-2000:]
+    before = f.read_bytes()
+    r = hjepa('export', pre, '--out', f, cwd=tmp_path)
+    assert r.returncode == 2 and 'left untouched' in r.stderr and f.read_bytes() == before
+    r = hjepa('finetune', tmp_path / 'nowhere', '--out', tmp_path / 'x', cwd=tmp_path)
+    assert r.returncode == 2 and 'nowhere' in r.stderr and not (tmp_path / 'x').exists()
