@@ -89,7 +89,7 @@ def test_home_chapter_and_lab(site, page):
     code = folds.first.locator('pre').first
     assert not code.is_visible(), "a folded solution's code is visible before clicking"
     folds.first.locator('summary').click()
-    assert code.is_visible() and 'def stratified_split' in code.inner_text()
+    assert code.is_visible() and 'def stratified_folds' in code.inner_text()
     assert '✓' in page.inner_text('main'), "the check outputs are missing"
     page.screenshot(path=str(SCREENS / 'lab.png'))
     assert not page.errors, f"JavaScript errors: {page.errors}"
