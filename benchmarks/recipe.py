@@ -6,9 +6,10 @@
 Each run is its own process with one thread (two run side by side on a 2-core machine), builds everything from
 `configs/<config>.yaml` plus its overrides exactly as `hjepa train` does, and trains until it has used `budget`
 seconds of CPU time (CPU time, not wall time: a run is not shortened by its neighbour; the schedules span the budget,
-from a short calibration). At the end the eval encoder is probed on the held-out split with mean-pooled tokens (the
-protocol of `hjepa train`), 2x2-grid-pooled tokens and mean+max, and the context encoder mean-pooled. The table goes
-to benchmarks/results/recipe.{json,md}; chapter 13 shows it. `--only` re-runs some rows and keeps the others.
+from a short calibration). At the end the eval encoder is probed on the held-out split with mean-pooled tokens,
+2x2- and 4x4-grid-pooled tokens (4x4: the probe of `hjepa train`, `eval.pool`) and mean+max, and the context
+encoder mean-pooled. A random-init row probes the same network untrained. The table goes to
+benchmarks/results/recipe.{json,md}; chapter 13 shows it. `--only` re-runs some rows and keeps the others.
 """
 from __future__ import annotations
 import argparse, json, os, platform, subprocess, sys, time
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IJEPA_MASKS = ['mask.enc_scale=[0.85,1.0]', 'mask.pred_scale=[0.15,0.2]', 'mask.min_keep=16']   # the old default
 RUNS = {   # name: (search dimension, config, overrides, budget factor); 'default' is `hjepa train` as bundled
     'default': ('the bundled job', 'default', [], 1),
+    'random init (no training)': ('baseline: no pre-training', 'default', [], 0),
+    'padded digits (fit=pad)': ('input', 'default', ['data.fit=pad'], 1),
     'default, seed 1': ('seed noise', 'default', ['train.seed=1'], 1),
     '1 level (I-JEPA)': ('levels', 'default', ['model.num_levels=1'], 1),
     '3 levels': ('levels', 'default', ['model.num_levels=3'], 1),
@@ -35,7 +38,7 @@ RUNS = {   # name: (search dimension, config, overrides, budget factor); 'defaul
     'default, 3x budget': ('epochs in the budget', 'default', [], 3),
     'VICReg (views), for scale': ('sanity: a view method', 'vicreg', [], 1),
 }
-POOLS = ('mean', 'grid2', 'mean+max')
+POOLS = ('mean', 'grid2', 'grid4', 'mean+max')
 
 
 from methods import cpu_s, steps_in_budget   # noqa: E402 (benchmarks/ is on sys.path when a script of it runs)
@@ -69,6 +72,12 @@ def child(name: str, budget: float, out: Path):
         seed_everything(cfg.train.seed)
         dl, _ = build_loaders(cfg, method_needs(cfg), train_ds, test_ds)
         return build_method(cfg), dl
+    if budget <= 0:                                                       # the same network, never trained
+        method, dl = fresh()
+        res = {'run': name, 'dimension': RUNS[name][0], 'config': conf, 'overrides': over, 'budget_cpu_s': 0.0,
+               'steps': 0, 'epochs': 0.0, 'img_per_s': float('nan'),
+               'eval_encoder': probe_now(method.eval_encoder, POOLS)}
+        out.write_text(json.dumps(res, indent=1)); return
     cfg.train.max_steps = steps_in_budget(cfg, *fresh(), budget)          # calibrated on a copy, then from scratch
     method, dl = fresh()
 
@@ -92,16 +101,20 @@ def child(name: str, budget: float, out: Path):
 
 
 def table(res: dict) -> str:
-    lines = ['| dimension | run | overrides | CPU-s | steps | img/s | linear | k-NN | linear, 2x2 grid | '
-             'linear, context enc. | eff. rank |', '|---' * 11 + '|']
+    "The markdown table: linear probe and k-NN on mean-pooled and 4x4-grid-pooled tokens (the probe of `hjepa train`)."
+    nan = {'linear': float('nan'), 'knn': float('nan')}
+    lines = ['| dimension | run | overrides | CPU-s | steps | img/s | linear, mean | k-NN, mean | linear, 2x2 | '
+             'linear, 4x4 | k-NN, 4x4 | linear, context enc. | eff. rank |', '|---' * 13 + '|']
     for r in res['runs']:
         e, c = r['eval_encoder'], r.get('context_encoder', {}).get('mean', {})
+        g4 = e.get('grid4', nan)
         lines.append(f"| {r['dimension']} | {r['run']} | {' '.join(r['overrides']) or '-'} | {r['budget_cpu_s']:.0f} | "
-                     f"{r['steps']} | "
-                     f"{r['img_per_s']:.0f} | {e['mean']['linear']:.3f} | {e['mean']['knn']:.3f} | "
-                     f"{e['grid2']['linear']:.3f} | {c.get('linear', float('nan')):.3f} | {e['eff_rank']:.1f} |")
+                     f"{r['steps']} | {r['img_per_s']:.0f} | {e['mean']['linear']:.3f} | {e['mean']['knn']:.3f} | "
+                     f"{e['grid2']['linear']:.3f} | {g4['linear']:.3f} | {g4['knn']:.3f} | "
+                     f"{c.get('linear', float('nan')):.3f} | {e['eff_rank']:.1f} |")
     px = res['pixels']
-    lines.append(f"| baseline | raw pixels | | | | | {px['linear']:.3f} | {px['knn']:.3f} | | | |")
+    lines.append(f"| baseline | raw pixels | | | | | {px['linear']:.3f} | {px['knn']:.3f} | | {px['linear']:.3f} | "
+                 f"{px['knn']:.3f} | | |")
     return '\n'.join(lines)
 
 
@@ -132,7 +145,7 @@ def main(argv=None):
             done.append(json.loads(f.read_text())); f.unlink()
             e = done[-1]['eval_encoder']
             print(f"{n:<24} linear {e['mean']['linear']:.3f}  k-NN {e['mean']['knn']:.3f}  "
-                  f"grid2 {e['grid2']['linear']:.3f}", flush=True)
+                  f"grid2 {e['grid2']['linear']:.3f}  grid4 {e['grid4']['linear']:.3f}", flush=True)
     from hjepa.config import load_config
     from hjepa.recipe import build_datasets
     from hjepa.eval import probe_pixels

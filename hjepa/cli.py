@@ -114,7 +114,8 @@ def cmd_probe(args) -> int:
             raise FileNotFoundError(f"{path} holds no encoder.pt: is it a finished run folder?")
         path = path / 'encoder.pt'
     train_ds, test_ds = build_datasets(cfg)
-    res = evaluate_checkpoint(path, train_ds, test_ds, pixels=args.pixels, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)
+    res = evaluate_checkpoint(path, train_ds, test_ds, pixels=args.pixels, k=cfg.eval.knn_k, T=cfg.eval.knn_temperature,
+                              pool=cfg.eval.pool)   # the run's own probe protocol
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}, indent=1))
     return 0
 

@@ -175,8 +175,9 @@ class DataConfig:
     root: str | None = opt(None, 'folder holding a real dataset (cifar10..., imagefolder); default ~/.cache/hjepa/data')
     download: bool = opt(False, 'allow downloading a real dataset (cifar10, cifar100, stl10)')
     image_size: int = opt(32, 'images are brought to image_size x image_size pixels (see fit)', min=8)
-    fit: str = opt('auto', "how: pad (centre, black border), resize, or auto (pad images at least 3/4 of the size, "
-                   "resize the rest)", choices=('auto', 'pad', 'resize'))
+    fit: str = opt('resize', "how: resize (bilinear), pad (centre, black border), or auto (pad images at least 3/4 "
+                   "of the size, resize the rest); resize: on MNIST-5k a digit then covers more patches (chapter 13)",
+                   choices=('auto', 'pad', 'resize'))
     normalize: bool = opt(False, 'standardise inputs by training-set mean/std (off: on MNIST-5k it lowered the probe)')
     channels: int = opt(1, 'channels the model sees: 1 (grey) or 3 (RGB); images are converted', choices=(1, 3))
     batch_size: int = opt(64, 'images per optimiser step on each process (before accumulation)', min=1)
@@ -284,7 +285,8 @@ class EvalConfig:
     probe: bool = opt(True, 'fit a linear probe and k-NN on frozen features after training')
     knn_k: int = opt(20, 'neighbours of the k-NN classifier', min=1)
     knn_temperature: float = opt(0.07, 'temperature of the k-NN vote weights', gt=0.0)
-    pool: str = opt('mean', 'token pooling for probe features: mean, max, mean+max, grid2 (2x2 cells), grid4',
+    pool: str = opt('grid4', 'token pooling for probe features: mean, max, mean+max, grid2 (2x2 cells), grid4 (4x4 '
+                    'cells: the default, keeps a digit\'s layout; chapter 13)',
                     choices=('mean', 'max', 'mean+max', 'grid2', 'grid4'))
     knn_every: int | None = opt(50, 'k-NN probe of held-out images every this many steps during training, logged as '
                                 'probe/knn (metrics.jsonl, curves.png); null: off', min=1)

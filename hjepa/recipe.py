@@ -27,10 +27,11 @@ from .distributed import cleanup_distributed, setup_distributed, wrap_ddp
 from .eval import KNNProbe, encoder_kwargs, probe, probe_pixels
 
 # %% auto #0
-__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'RESUME_FIXED', 'raw_splits', 'build_datasets', 'norm_stats', 'build_mask_generator',
-           'build_model', 'global_size', 'build_views', 'build_crop_masks', 'build_method', 'method_needs',
-           'build_loaders', 'build_loss', 'resolve_device', 'config_value', 'build_trainer', 'run_state', 'out_path',
-           'prepare_run_dir', 'resume_changes', 'default_run_dir', 'run_training', 'probe_report']
+__all__ = ['TRAINER_ARGS', 'RUN_FILES', 'RESUME_FIXED', 'POOL_NAMES', 'raw_splits', 'build_datasets', 'norm_stats',
+           'build_mask_generator', 'build_model', 'global_size', 'build_views', 'build_crop_masks', 'build_method',
+           'method_needs', 'build_loaders', 'build_loss', 'resolve_device', 'config_value', 'build_trainer',
+           'run_state', 'out_path', 'prepare_run_dir', 'resume_changes', 'default_run_dir', 'run_training',
+           'probe_report']
 
 # %% ../nbs/15_recipe.ipynb #7e2011c3
 def raw_splits(cfg: Config, mean=None, std=None):
@@ -367,6 +368,9 @@ def _save_plots(out: Path):
         plt.close(fig)
     except ValueError: pass                                          # too few records to plot (a tiny run)
 
+POOL_NAMES = {'mean': 'by the mean over tokens', 'max': 'by the max over tokens', 'mean+max': 'by mean and max',
+              'grid2': 'on a 2x2 grid of cells', 'grid4': 'on a 4x4 grid of cells'}
+
 def probe_report(encoder, random_encoder, train_ds, test_ds, cfg: Config, verbose: bool = True) -> dict:
     "Linear-probe and k-NN accuracy of the trained encoder, the same architecture at random init, and raw pixels."
     kw = dict(k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, pool=cfg.eval.pool)
@@ -375,7 +379,9 @@ def probe_report(encoder, random_encoder, train_ds, test_ds, cfg: Config, verbos
     res = {'probe_pretrained': p['linear'], 'probe_random': r['linear'], 'probe_pixels': px['linear'],
            'knn_pretrained': p['knn'], 'knn_random': r['knn'], 'knn_pixels': px['knn']}
     if verbose:
-        print(f"held-out accuracy on {cfg.data.dataset} ({len(test_ds)} images):   linear probe   k-NN")
+        print(f"held-out accuracy on {cfg.data.dataset} ({len(test_ds)} images), features pooled "
+              f"{POOL_NAMES.get(cfg.eval.pool, cfg.eval.pool)}:")
+        print(f"{'':<38}linear probe   k-NN")
         for name, d in ((f'pretrained {method_name(cfg)}', p), ('random init', r), ('raw pixels', px)):
             print(f"  {name:<20} {d['linear']:>27.3f} {d['knn']:>6.3f}")
     return {k: round(float(v), 4) for k, v in res.items()}
