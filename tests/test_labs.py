@@ -233,3 +233,69 @@ def test_concurrent_force_never_loses_the_notebook_or_a_backup(tmp_path, monkeyp
     assert len(backups) == n + 1                               # the old one + one per --force (out always existed)
     assert b'the edit' in backups and set(backups) <= {b'the edit', b'an older backup', fresh}
     assert out.read_bytes() == fresh
+
+
+# --- the student copy works outside the repository (links to the course site, not to ../nbs/) ---
+
+_MD_LINK = re.compile(r'\]\(([^)\s]+)\)')
+
+
+def _site_pages() -> set[str]:
+    "The site's pages as _quarto.yml's sidebar names them (`losses.ipynb` -> `losses.html`): written by hand there."
+    import yaml
+    cfg = yaml.safe_load((ROOT / '_quarto.yml').read_text())
+    hrefs, todo = set(), [cfg['website']['sidebar']['contents']]
+    while todo:
+        for item in todo.pop():
+            if 'href' in item: hrefs.add(item['href'])
+            if 'contents' in item: todo.append(item['contents'])
+    return {h.removesuffix('.ipynb') + '.html' for h in hrefs if h.endswith('.ipynb')}
+
+
+def test_course_site_url_is_baked_into_the_package():
+    "The site URL a student copy links to is settings.ini's doc_host + doc_baseurl (and _quarto.yml's site-url)."
+    import yaml
+    from configparser import ConfigParser
+    from hjepa.labs import course_urls
+    cfg = ConfigParser(delimiters=['=']); cfg.read(ROOT / 'settings.ini'); cfg = cfg['DEFAULT']
+    want = cfg['doc_host'].rstrip('/') + '/' + cfg['doc_baseurl'].strip('/')
+    assert course_urls()['site'] == want, "hjepa/_modidx.py is stale: run nbdev_export"
+    assert yaml.safe_load((ROOT / '_quarto.yml').read_text())['website']['site-url'].rstrip('/') == want
+
+
+@pytest.mark.parametrize('lab', LABS, ids=lambda p: p.name)
+def test_student_copy_links_point_at_the_course_site(lab, tmp_path):
+    "`hjepa lab NN` writes a copy whose links are absolute: its chapter and the others on the site, by page name."
+    from hjepa.cli import main
+    from hjepa.labs import course_urls
+    assert main(['lab', lab.name.split('_')[0], '--dest', str(tmp_path)]) == 0
+    nb = json.loads((tmp_path / lab.name).read_text())
+    md = '\n'.join(cells(nb, 'markdown'))
+    links = _MD_LINK.findall(md)
+    assert '../nbs/' not in md and 'nbs/' not in ' '.join(links)
+    relative = [u for u in links if not re.match(r'^(https?://|#)', u)]
+    assert not relative, f"{lab.name}: relative links in the student copy: {relative}"
+    site, pages = course_urls()['site'] + '/', _site_pages()
+    on_site = [u.split('#')[0].removeprefix(site) for u in links if u.startswith(site)]
+    assert not [p for p in on_site if p not in pages], f"links to pages the site does not have: {on_site}"
+    chapter = lab.name.split('_', 1)[1].removesuffix('.ipynb') + '.html'     # lessons/05_losses -> losses.html
+    assert chapter in on_site, f"{lab.name}: no link to its chapter {site}{chapter}: {links}"
+    source_links = _MD_LINK.findall('\n'.join(cells(json.loads(lab.read_text()), 'markdown')))
+    assert len(links) == len(source_links), "a link was lost or added"
+
+
+def test_student_copy_from_an_installed_package_links_to_the_site(tmp_path):
+    "Installed as a wheel lays it out (labs inside the package, no settings.ini anywhere), the copy still links right."
+    import shutil, subprocess, sys
+    from hjepa.labs import course_urls
+    pkg = tmp_path / 'site-packages' / 'hjepa'
+    shutil.copytree(ROOT / 'hjepa', pkg, ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(ROOT / 'lessons', pkg / 'labs' / 'lessons', ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    (tmp_path / 'learner').mkdir()
+    code = ("import hjepa, sys; from hjepa.labs import write_student_lab; assert 'site-packages' in hjepa.__file__; "
+            "print(write_student_lab('05', '.'))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path / 'learner', capture_output=True, text=True,
+                         env={'PYTHONPATH': str(tmp_path / 'site-packages'), 'PATH': '/usr/bin:/bin'})
+    assert out.returncode == 0, out.stderr
+    md = '\n'.join(cells(json.loads((tmp_path / 'learner' / '05_losses.ipynb').read_text()), 'markdown'))
+    assert '../nbs/' not in md and f"]({course_urls()['site']}/losses.html)" in md

@@ -10,6 +10,10 @@ notebook without the number (`nbs/00_data.ipynb` -> `data.html`, as nbdev names 
 links between notebooks (written repository-relative, so they work in JupyterLab and on GitHub) are
 rewritten to the site's names. Notebooks are taken already executed from `_exec/` (written by the
 notebook tests) when that copy matches the source, and executed here otherwise.
+
+Maths is typeset by KaTeX, shipped with the site: the renderers link KaTeX from a CDN, so `offline_katex` copies
+the vendored copy (`tools/vendor/katex/`) into `_docs/site_libs/katex/` and points every page at it, and the site
+shows its maths from a plain folder with no network.
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, re, shutil, subprocess, sys
@@ -17,9 +21,11 @@ from configparser import ConfigParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+from hjepa.labs import site_path as _lib_site_path  # noqa: E402  (the library names pages too: student lab links)
+
 BUILD, EXEC, PROC, DOCS = ROOT / '_build' / 'site', ROOT / '_exec', ROOT / '_proc', ROOT / '_docs'
 _cfg = ConfigParser(delimiters=['=']); _cfg.read(ROOT / 'settings.ini'); CFG = _cfg['DEFAULT']
-_NUM = re.compile(r'^\d+[a-z]?_')
 _LINK = re.compile(r'(\]\()([^)\s]+)(\))')
 
 
@@ -30,10 +36,8 @@ def notebooks() -> list[Path]:
 
 
 def site_path(rel: Path) -> Path:
-    "Where a repository notebook lands in the site tree: numbers dropped, nbs/ flattened."
-    rel = Path(rel)
-    parts = rel.parts[1:] if rel.parts[0] == 'nbs' else rel.parts
-    return Path(*parts[:-1], _NUM.sub('', parts[-1]))
+    "Where a repository notebook lands in the site tree: numbers dropped, nbs/ flattened (`hjepa.labs.site_path`)."
+    return Path(_lib_site_path(rel))
 
 
 def source_hash(rel: Path) -> str:
@@ -128,6 +132,7 @@ def render(quarto: bool = False):
     "Check and render `_proc/` into `_docs/` (smalldocs offline, or Quarto)."
     if DOCS.exists(): shutil.rmtree(DOCS)
     if quarto:
+        quarto_katex(PROC / '_quarto.yml')
         subprocess.run(['quarto', 'render', str(PROC)], check=True)
     else:
         sd = [sys.executable, '-m', 'smalldocs.cli'] if not shutil.which('smalldocs') else ['smalldocs']
@@ -136,7 +141,55 @@ def render(quarto: bool = False):
         if chk.returncode: raise SystemExit("smalldocs check found problems (above): fix the links or options")
         subprocess.run(sd + ['render', '--quiet', str(PROC)], check=True)
     shutil.move(str(PROC / '_docs'), str(DOCS))
-    print(f"site: {DOCS / 'index.html'}")
+    n = offline_katex(DOCS)
+    print(f"site: {DOCS / 'index.html'} (KaTeX from site_libs/katex on {n} pages with maths)")
+
+
+def quarto_katex(cfg: Path):
+    """Have Quarto typeset maths with KaTeX, as smalldocs does (Quarto's default, MathJax, would come from a CDN):
+    `html-math-method: katex` in the processed tree's config. Not in the root `_quarto.yml`, where smalldocs
+    ignores the key and `smalldocs check` reports it."""
+    import yaml
+    conf = yaml.safe_load(cfg.read_text(encoding='utf-8'))
+    html = conf.setdefault('format', {}).setdefault('html', {})
+    if html.get('html-math-method') in (None, 'katex'):
+        html['html-math-method'] = 'katex'
+        cfg.write_text(yaml.safe_dump(conf, sort_keys=False, allow_unicode=True), encoding='utf-8')
+
+
+KATEX = ROOT / 'tools' / 'vendor' / 'katex'
+KATEX_CDN = re.compile(r'https?://cdn\.jsdelivr\.net/npm/katex@[^/"\']+/dist/')
+# smalldocs writes `$...$` as `\(...\)` and `$$...$$` as `\[...\]` (as Pandoc does) and smalldocs.js typesets those;
+# this script, run once the deferred scripts have, also typesets display maths still written `$$...$$` (in raw HTML).
+KATEX_DOLLARS = ('<script>document.addEventListener("DOMContentLoaded", () => window.renderMathInElement && '
+                 'renderMathInElement(document.body, {delimiters: [{left: "$$", right: "$$", display: true}], '
+                 'throwOnError: false}));</script>')
+
+
+def offline_katex(docs: Path) -> int:
+    """Ship KaTeX with the rendered site in `docs`: copy the vendored KaTeX into `site_libs/katex/` and point each
+    page's KaTeX links at it, relative to the page (so it works from `file://` and from any server path).
+    Returns how many pages load KaTeX."""
+    libs = docs / 'site_libs' / 'katex'
+    if libs.exists(): shutil.rmtree(libs)
+    shutil.copytree(KATEX, libs, ignore=shutil.ignore_patterns('README.md'))
+    n = 0
+    for page in docs.rglob('*.html'):
+        if libs in page.parents: continue
+        html = page.read_text(encoding='utf-8')
+        new = postprocess_katex(html, page.relative_to(docs))
+        if new != html: page.write_text(new, encoding='utf-8'); n += 1
+    return n
+
+
+def postprocess_katex(html: str, rel: Path) -> str:
+    "Page `rel` (relative to the site root) with its CDN KaTeX links pointed at the site's own copy."
+    if not KATEX_CDN.search(html): return html
+    up = '../' * (len(Path(rel).parts) - 1)
+    html = KATEX_CDN.sub(f'{up}site_libs/katex/', html)
+    if 'smalldocs.js' in html and KATEX_DOLLARS not in html:
+        html = html.replace('</body>', KATEX_DOLLARS + '\n</body>', 1)
+    return html
 
 
 def readme() -> str:

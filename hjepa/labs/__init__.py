@@ -4,14 +4,15 @@
 
 # %% ../../nbs/checks/00_exercises.ipynb #46ef5695
 from __future__ import annotations
-import ast, importlib, itertools, json, os, pkgutil, re, shutil, time, traceback
+import ast, importlib, itertools, json, os, pkgutil, posixpath, re, shutil, time, traceback
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 # %% auto #0
 __all__ = ['EXERCISES', 'ExerciseFailed', 'Exercise', 'find_exercise', 'report', 'check', 'hint', 'is_solution', 'stub_source',
-           'make_student', 'lab_dir', 'list_labs', 'write_student_lab', 'run_cells', 'fold_solutions']
+           'site_path', 'course_urls', 'course_url', 'absolute_links', 'make_student', 'lab_dir', 'list_labs',
+           'write_student_lab', 'run_cells', 'fold_solutions']
 
 # %% ../../nbs/checks/00_exercises.ipynb #248ef7ce
 class ExerciseFailed(AssertionError):
@@ -207,11 +208,50 @@ def stub_source(src: str) -> str:
     out += [l for l in lines[pos:] if not l.strip() or l.lstrip().startswith('#')]
     return '\n'.join(l for l in out if not _SOL_RE.match(l)).rstrip() + '\n'
 
+# %% ../../nbs/checks/00_exercises.ipynb #5d0c7a41
+_NUMBERED = re.compile(r'^\d+[a-z]?_')
+_MD_LINK = re.compile(r'(\]\()([^)\s]+)(\))')
+
+def site_path(rel: str | Path) -> PurePosixPath:
+    "Where repository notebook `rel` lands in the course site: numbers dropped, `nbs/` flattened."
+    parts = PurePosixPath(Path(rel).as_posix()).parts
+    parts = parts[1:] if parts[0] == 'nbs' else parts
+    return PurePosixPath(*parts[:-1], _NUMBERED.sub('', parts[-1]))
+
+def course_urls() -> dict[str, str]:
+    "The course site's address, the repository's and its branch, as `nbdev_export` baked them into `hjepa._modidx`."
+    from hjepa._modidx import d
+    s = d['settings']
+    base = s['doc_baseurl'].strip('/')
+    return {'site': s['doc_host'].rstrip('/') + (f'/{base}' if base else ''),
+            'git': s['git_url'].rstrip('/'), 'branch': s['branch']}
+
+def course_url(rel: str | Path) -> str:
+    "The address of repository file `rel` for a reader anywhere: a notebook's page on the course site, else GitHub."
+    rel, u = PurePosixPath(Path(rel).as_posix()), course_urls()
+    if rel.suffix == '.ipynb': return f"{u['site']}/{site_path(rel).with_suffix('.html')}"
+    return f"{u['git']}/blob/{u['branch']}/{rel}"
+
+def absolute_links(text: str, folder: str = 'lessons') -> str:
+    "Markdown `text` of a notebook in repository folder `folder`, its relative links made absolute (`course_url`)."
+    def sub(m):
+        target = m.group(2)
+        if re.match(r'^([a-zA-Z][a-zA-Z0-9+.-]*:|#|/)', target): return m.group(0)   # a URL, an anchor, site-absolute
+        path, _, anchor = target.partition('#')
+        rel = posixpath.normpath(posixpath.join(folder, path))
+        if rel == '..' or rel.startswith('../'): return m.group(0)                     # outside the repository
+        return f"{m.group(1)}{course_url(rel)}{'#' + anchor if anchor else ''}{m.group(3)}"
+    return _MD_LINK.sub(sub, text)
+
 # %% ../../nbs/checks/00_exercises.ipynb #16d35fef
-def make_student(nb: dict) -> dict:
-    "A student copy of lab notebook `nb` (nbformat JSON as a dict): solution cells stubbed, outputs cleared."
+def make_student(nb: dict, folder: str = 'lessons') -> dict:
+    """A student copy of lab notebook `nb` (nbformat JSON as a dict) from repository folder `folder`: solution cells
+    stubbed, outputs cleared, links made to work outside the repository (`absolute_links`)."""
     nb = json.loads(json.dumps(nb))
     for c in nb['cells']:
+        if c['cell_type'] == 'markdown':
+            src = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+            c['source'] = absolute_links(src, folder).splitlines(True)
         if c['cell_type'] != 'code': continue
         src = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
         if is_solution(src): c['source'] = stub_source(src).splitlines(True)
