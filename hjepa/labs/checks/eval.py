@@ -16,7 +16,7 @@ from ...eval import standardize as _standardize
 
 # %% ../../../nbs/checks/11_eval.ipynb #3c0d5e71
 @functools.lru_cache(maxsize=1)
-def _digits():
+def _m11_digits():
     "Pixel features (Xtr, ytr, Xte, yte) of sklearn's digits."
     (Xtr, ytr), (Xte, yte) = _pixels(load_dataset('digits', 'train')), _pixels(load_dataset('digits', 'test'))
     return Xtr, ytr, Xte, yte
@@ -49,7 +49,7 @@ def _mixture(seed=0, n=400, d=16, c=4):
 
 @ex_faults.test('healthy set-ups raise no flag')
 def _(fn):
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     got = _ef(fn, Xtr, ytr, Xte, yte)
     assert got == set(), f"digits pixels: expected no flag, got {got}"
     got = _ef(fn, *_mixture())
@@ -61,7 +61,7 @@ def _(fn):
 
 @ex_faults.test('training images copied into the test split are a leak')
 def _(fn):
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(Xtr), generator=g)[:20]
     Xl, yl = torch.cat([Xte[:300], Xtr[pick]]), torch.cat([yte[:300], ytr[pick]])
@@ -81,7 +81,7 @@ def _(fn):
 
 @ex_faults.test('one feature on another scale is unscaled (and is not a collapse)')
 def _(fn):
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     A, B = Xtr.clone(), Xte.clone()
     A[:, 27] *= 100; B[:, 27] *= 100
     got = _ef(fn, A, ytr, B, yte)
@@ -90,7 +90,7 @@ def _(fn):
 
 @ex_faults.test('a test label no training sample has is an unseen class')
 def _(fn):
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     y2 = torch.where(yte == 9, torch.tensor(10), yte)
     got = _ef(fn, Xtr, ytr, Xte, y2)
     assert got == {'unseen_class'}, f"the test 9s relabelled 10, a class the training split never saw: expected " \
@@ -286,7 +286,7 @@ def _run(fn, noise_std, seed=0):
     "fn on the digits, cached for one check."
     key = (fn, noise_std, seed)
     if key not in _RUNS:
-        Xtr, ytr, Xte, yte = _digits()
+        Xtr, ytr, Xte, yte = _m11_digits()
         out = fn(Xtr, ytr, Xte, yte, noise_std, seed=seed)
         assert isinstance(out, dict) and set(out) == set(_QUESTIONS), \
             f"return a dict with the keys {list(_QUESTIONS)}, got {out!r}"
@@ -296,7 +296,7 @@ def _run(fn, noise_std, seed=0):
 @ex_exp.test("noise_std=0: the library's three numbers on the plain digits")
 def _(fn):
     _RUNS.clear()
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     got = _run(fn, 0.0)
     want = {'knn_raw': _knn_acc(Xtr, ytr, Xte, yte), 'knn_standardized': _knn_acc(_standardize(Xtr, Xte)[0], ytr,
                                                                                     _standardize(Xtr, Xte)[1], yte),
@@ -313,7 +313,7 @@ def _(fn):
 
 @ex_exp.test('the same seed gives the same numbers; the inputs are left unchanged')
 def _(fn):
-    Xtr, ytr, Xte, yte = _digits()
+    Xtr, ytr, Xte, yte = _m11_digits()
     before = Xtr.clone(), Xte.clone()
     a, b = _run(fn, 100.0), dict(fn(Xtr, ytr, Xte, yte, 100.0, seed=0))
     assert torch.equal(Xtr, before[0]) and torch.equal(Xte, before[1]), "your function changed Xtr or Xte in place"
