@@ -57,7 +57,11 @@ def test_train_subprocess_writes_the_run_folder(tmp_path):
     # probe a finished run
     pr = hjepa('probe', run, cwd=tmp_path)
     assert pr.returncode == 0, pr.stderr[-2000:]
-    assert 'linear' in json.loads(pr.stdout)
+    out, final = json.loads(pr.stdout), json.loads((run / 'results.json').read_text())
+    # the run's own protocol (eval.pool: tokens pooled on a 4x4 grid, 16 x 96 features of the nano encoder) ...
+    assert out['pool'] == 'grid4' and out['dim'] == 16 * 96, out
+    # ... so `hjepa probe` reproduces the number the run printed at its end
+    assert abs(out['linear'] - final['probe_pretrained']) < 2e-3, (out['linear'], final['probe_pretrained'])
 
 
 @pytest.mark.parametrize('args, key', [
