@@ -264,7 +264,8 @@ class TrainConfig:
     epochs: int = opt(5, 'passes over the training split', min=1)
     max_steps: int | None = opt(None, 'stop after this many optimiser steps (null: run all epochs); use it for tiny '
                                 'runs and tests', min=1)
-    amp: str = opt('auto', "mixed precision: auto (bf16 on CPU, fp16 on CUDA), bf16, fp16 or off",
+    amp: str = opt('auto', "mixed precision: auto (fp16 on CUDA; bf16 on a CPU with bf16 units, else off), bf16, "
+                   "fp16 or off",
                    choices=('auto', 'bf16', 'fp16', 'off'))
     compile: bool = opt(False, 'torch.compile the model')
     seed: int = opt(0, 'seed of every random stream (data order, masks, init)', min=0)

@@ -18,7 +18,55 @@ from .masking import apply_masks, level_to_patches
 from .encoders import ViT, Predictor, _split_preset
 
 # %% auto #0
-__all__ = ['level_grid', 'pool_grid', 'ema_update_', 'JEPAOutput', 'default_level_weights', 'HJEPA']
+__all__ = ['draw_jepa', 'level_grid', 'pool_grid', 'ema_update_', 'JEPAOutput', 'default_level_weights', 'HJEPA']
+
+# %% ../nbs/04_model.ipynb #add06b34
+def draw_jepa(num_levels: int = 3, ax=None, title: str | None = None):
+    "Draw (H-)JEPA: context encoder, EMA target encoder (stop-gradient), predictor; a head, target and loss per level."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    L = check_count('num_levels', num_levels, 1)
+    H = 3.2 + 1.0 * L
+    if ax is None: _, ax = plt.subplots(figsize=(10, 0.62 * H + 0.6))
+    ax.set_xlim(0, 12.4); ax.set_ylim(-0.35, H); ax.set_axis_off()
+    trained, frozen, free = '#cfe2f3', '#e6e6e6', 'white'
+    def box(x0, x1, y, text, colour, h=0.8, **kw):
+        ax.add_patch(FancyBboxPatch((x0, y - h / 2), x1 - x0, h, boxstyle='round,pad=0.04,rounding_size=0.12',
+                                    fc=colour, ec='0.25', lw=1, **kw))
+        ax.text((x0 + x1) / 2, y, text, ha='center', va='center', fontsize=7.5)
+        return (x0, x1, y)
+    def arrow(a, b, text=None, style='-|>', ls='-', colour='0.2', dy=0.12, **kw):
+        ax.annotate('', xy=b, xytext=a, arrowprops=dict(arrowstyle=style, ls=ls, color=colour, lw=1.1,
+                                                       shrinkA=2, shrinkB=2, **kw))
+        if text: ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + dy, text, ha='center', va='bottom', fontsize=7,
+                         color=colour)
+    top, bot, mid = H - 0.7, 0.7, H / 2
+    box(0.1, 1.5, mid, 'image $x$\n(patch tokens)', free, h=1.1)
+    box(2.3, 4.5, top, r'context encoder $f_\theta$' + '\nsees context patches only', trained)
+    box(2.3, 4.5, bot, r'target encoder $f_{\bar\theta}$' + '\nsees every patch', frozen)
+    box(5.2, 7.4, top, r'predictor $g_\phi$' + '\nmask tokens at the targets', trained)
+    box(5.2, 7.4, bot, r'pool $2^\ell\times2^\ell$ cells' + '\n+ LayerNorm (no params)', free)
+    arrow((1.5, mid + 0.3), (2.3, top), 'context')
+    arrow((1.5, mid - 0.3), (2.3, bot), 'all', dy=-0.3)
+    arrow((4.5, top), (5.2, top))
+    arrow((4.5, bot), (5.2, bot))
+    arrow((3.4, top - 0.4), (3.4, bot + 0.4), style='-|>', ls='--', colour='tab:green')
+    ax.text(3.5, mid, r'EMA after each step:' + '\n' + r'$\bar\theta \leftarrow m\bar\theta + (1-m)\theta$',
+            fontsize=7, color='tab:green', va='center', ha='left')
+    ys = [mid] if L == 1 else [top - 0.8 - k * (top - bot - 1.6) / (L - 1) for k in range(L)]
+    for l, y in enumerate(ys):
+        box(8.0, 9.2, y, f'head $h_{l}$', trained, h=0.55)
+        box(10.25, 12.35, y, f'level {l} loss\n' + rf'$w_{l}\,\rho(\hat y^{l}, \mathrm{{sg}}(y^{l}))$', free, h=0.7)
+        arrow((7.4, top - 0.1), (8.0, y + 0.1))
+        arrow((9.2, y + 0.12), (10.25, y + 0.12))
+        ax.text(9.5, y + 0.16, rf'$\hat y^{l}$', fontsize=7, ha='center', va='bottom')
+        arrow((9.85, y - 0.18), (10.25, y - 0.18), colour='0.45')
+    ax.plot([7.4, 9.85, 9.85], [bot, bot, ys[0] - 0.18], color='0.45', lw=1.1)      # the targets' bus
+    ax.text(8.55, bot + 0.06, r'targets $y^\ell$, stop-gradient', fontsize=7, color='0.45', ha='center', va='bottom')
+    ax.text(6.2, -0.3, 'blue: trained by the optimiser   grey: moves only by EMA   white: no parameters',
+            fontsize=7, ha='center', va='bottom', color='0.3')
+    if title: ax.set_title(title, fontsize=10)
+    return ax
 
 # %% ../nbs/04_model.ipynb #454bf818
 def level_grid(grid: tuple[int, int], level: int) -> tuple[int, int]:
