@@ -293,6 +293,9 @@ class EvalConfig:
                                 'probe/knn (metrics.jsonl, curves.png); null: off', min=1)
     knn_subset: int = opt(500, 'held-out images of the k-NN probe during training (against 2x as many train images)',
                           min=10)
+    knn_pool: str = opt('mean', 'token pooling of the k-NN probe during training: mean rises as the encoder learns and '
+                        'falls on collapse (a 4x4 grid of an untrained network already k-NNs well: chapter 13)',
+                        choices=('mean', 'max', 'mean+max', 'grid2', 'grid4'))
 
 @dataclass
 class LogConfig:

@@ -326,7 +326,7 @@ def run_training(cfg: Config, out: str | os.PathLike | None = None, resume: bool
         if main and cfg.eval.knn_every:                            # learning, visible in the curves as it happens
             n = cfg.eval.knn_subset
             trainer.callbacks.append(KNNProbe(train_ds, test_ds, every=cfg.eval.knn_every, n_train=2 * n, n_test=n,
-                                              k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, pool=cfg.eval.pool,
+                                              k=cfg.eval.knn_k, T=cfg.eval.knn_temperature, pool=cfg.eval.knn_pool,
                                               seed=cfg.train.seed))
         if resume:
             trainer.resume(resume if isinstance(resume, str) else None)
